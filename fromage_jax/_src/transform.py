@@ -1,0 +1,237 @@
+"""The three gradient transformations that make up Fromage."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fromage_jax._src import layers
+
+
+def _eta(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def scale_by_frobenius_ratio(
+    *,
+    layer_axes: layers.LayerAxes = None,
+    axis_name: layers.AxisName = None,
+) -> optax.GradientTransformation:
+  """Scales each layer's update by the ratio of the parameter and update norms.
+
+  For every layer, `g -> (||W|| / ||g||) * g`, where the norms are Frobenius
+  norms over the layer. When either norm is zero the update is passed on
+  unscaled (ratio 1): a zero-initialised bias then takes a plain gradient step
+  instead of freezing, and a zero gradient stays zero. Norms are computed in
+  float32 (float64 for float64 leaves); the result keeps the params' dtype.
+
+  Args:
+    layer_axes: which axes of a leaf index separate layers: `None` (every leaf
+      is one layer), a tuple of axes for every leaf (e.g. `(0,)` for a stack of
+      `[L, d_in, d_out]` kernels), a pytree prefix of such tuples, or a
+      callable `params -> ` one of those.
+    axis_name: inside `jax.shard_map`, the mesh axis name (or tuple of names,
+      or a pytree prefix / callable giving them per leaf) across which a leaf
+      is sharded; squared norms are summed across them so every shard uses its
+      layer's global norm.
+
+  Returns:
+    A :class:`optax.GradientTransformation` with an empty state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import fromage_jax
+    >>> tx = fromage_jax.scale_by_frobenius_ratio()
+    >>> params = {'w': jnp.array([3.0, 4.0]), 'b': jnp.zeros(2)}
+    >>> grads = {'w': jnp.array([0.0, 0.5]), 'b': jnp.array([1.0, 1.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> print(updates['w'], updates['b'])
+    [0. 5.] [1. 1.]
+
+  References:
+    Bernstein et al, `On the distance between two neural networks and the
+    stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020 (eq. 5)
+  """
+  name = 'scale_by_frobenius_ratio'
+
+  def init_fn(params):
+    layers.check_float_leaves(params, name, 'params')
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    layers.check_updates_and_params(updates, params, name, same_dtype=True)
+    axes = layers.resolve_layer_axes(layer_axes, params)
+    names = layers.resolve_axis_name(axis_name, params)
+
+    def scale(g, w, ax, an):
+      ratio = layers.safe_ratio(
+          jnp.sqrt(layers.sq_norms(w, ax, an)),
+          jnp.sqrt(layers.sq_norms(g, ax, an)),
+      )
+      return (g.astype(layers.compute_dtype(g.dtype)) * ratio).astype(g.dtype)
+
+    return jax.tree.map(scale, updates, params, axes, names), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PrefactorCorrectionState(NamedTuple):
+  """State of :func:`prefactor_correction`."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32: updates made so far.
+
+
+def prefactor_correction(
+    learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
+  """Divides the new parameters by `sqrt(1 + eta_t**2)`.
+
+  Given an update `u` (in Fromage, `-eta_t * ||W|| / ||g|| * g`), returns
+  `(W + u) / sqrt(1 + eta_t**2) - W`, so that `optax.apply_updates` gives
+  `W' = (W + u) / sqrt(1 + eta_t**2)`. For a gradient orthogonal to `W` (a
+  scale-invariant layer), `||W + u||**2 = (1 + eta_t**2) ||W||**2`, and the
+  prefactor keeps the norm constant instead of letting it compound.
+
+  `eta_t` is `learning_rate`, or `learning_rate(count)` for a schedule, where
+  `count` is the number of updates made so far: the same `eta_t` that
+  `optax.scale_by_learning_rate(learning_rate)` uses at that step. Arithmetic is
+  in float32 at least; the update is returned in the params' dtype.
+
+  Args:
+    learning_rate: the learning rate, a non-negative float or an optax schedule.
+
+  Returns:
+    A :class:`optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import fromage_jax
+    >>> tx = fromage_jax.prefactor_correction(0.75)  # sqrt(1 + 0.75**2) = 1.25
+    >>> params = jnp.array([1.0, 2.0])
+    >>> updates, _ = tx.update(jnp.array([4.0, 3.0]), tx.init(params), params)
+    >>> print(optax.apply_updates(params, updates))
+    [4. 4.]
+
+  References:
+    Bernstein et al, `On the distance between two neural networks and the
+    stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
+    (Algorithm 1)
+  """
+  layers.check_hyperparameter(
+      learning_rate, 'learning_rate', allow_callable=True
+  )
+  name = 'prefactor_correction'
+
+  def init_fn(params):
+    layers.check_float_leaves(params, name, 'params')
+    return PrefactorCorrectionState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    layers.check_updates_and_params(updates, params, name, same_dtype=False)
+    eta = _eta(learning_rate, state.count)
+
+    def correct(u, w):
+      dtype = layers.compute_dtype(w.dtype)
+      shrink = jax.lax.rsqrt(
+          1 + jnp.square(jnp.asarray(eta, layers.norm_dtype(w.dtype)))
+      )
+      wc = w.astype(dtype)
+      return ((wc + u.astype(dtype)) * shrink - wc).astype(w.dtype)
+
+    new_updates = jax.tree.map(correct, updates, params)
+    return new_updates, PrefactorCorrectionState(
+        count=optax.safe_increment(state.count)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class NormClipToInitState(NamedTuple):
+  """State of :func:`norm_clip_to_init`."""
+
+  # Like params: each leaf holds its layers' norms at init, float32 (float64
+  # for float64 leaves), one per layer, size 1 on every non-layer axis.
+  init_norms: optax.Params
+
+
+def norm_clip_to_init(
+    p_bound: float,
+    *,
+    layer_axes: layers.LayerAxes = None,
+    axis_name: layers.AxisName = None,
+) -> optax.GradientTransformation:
+  """Keeps each layer's norm within `p_bound` times its norm at `init`.
+
+  With `W' = W + u` the parameters the incoming update leads to, a layer whose
+  `||W'||` exceeds `p_bound * ||W0||` (`W0`: the params given to `init`) is
+  scaled back onto that bound. Layers with `||W0|| = 0` (zero-initialised
+  biases) are never clipped. This is the constraint the paper applies in its
+  CIFAR-10 and transformer experiments to stop Fromage overfitting.
+
+  Args:
+    p_bound: the bound relative to the initial norm; finite and > 0.
+    layer_axes: which axes of a leaf index separate layers; see
+      :func:`scale_by_frobenius_ratio`.
+    axis_name: mesh axis name(s) across which leaves are sharded inside
+      `jax.shard_map`; see :func:`scale_by_frobenius_ratio`.
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state holds one norm per
+    layer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import fromage_jax
+    >>> tx = fromage_jax.norm_clip_to_init(2.0)
+    >>> params = jnp.array([3.0, 4.0])  # norm 5: the bound is 10
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([9.0, 8.0]), state, params)
+    >>> new_params = optax.apply_updates(params, updates)  # [12, 12], clipped
+    >>> print(f"{jnp.linalg.norm(new_params):.4f}", new_params[0] == new_params[1])
+    10.0000 True
+
+  References:
+    Bernstein et al, `On the distance between two neural networks and the
+    stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
+    (section 6, "constraining the neural architecture")
+  """
+  layers.check_hyperparameter(p_bound, 'p_bound', positive=True)
+  name = 'norm_clip_to_init'
+
+  def init_fn(params):
+    layers.check_float_leaves(params, name, 'params')
+    axes = layers.resolve_layer_axes(layer_axes, params)
+    names = layers.resolve_axis_name(axis_name, params)
+    return NormClipToInitState(
+        init_norms=jax.tree.map(
+            lambda w, ax, an: jnp.sqrt(layers.sq_norms(w, ax, an)),
+            params, axes, names,
+        )
+    )
+
+  def update_fn(updates, state, params=None):
+    layers.check_updates_and_params(updates, params, name, same_dtype=False)
+    axes = layers.resolve_layer_axes(layer_axes, params)
+    names = layers.resolve_axis_name(axis_name, params)
+
+    def clip(u, w, w0_norm, ax, an):
+      dtype = layers.compute_dtype(w.dtype)
+      wc = w.astype(dtype)
+      new = wc + u.astype(dtype)
+      bound = p_bound * w0_norm
+      new_norm = jnp.sqrt(layers.sq_norms(new, ax, an))
+      factor = jnp.where(
+          jnp.logical_and(w0_norm > 0, new_norm > bound),
+          bound / jnp.where(new_norm > 0, new_norm, 1),
+          1,
+      )
+      return (new * factor - wc).astype(w.dtype)
+
+    return jax.tree.map(
+        clip, updates, params, state.init_norms, axes, names
+    ), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
