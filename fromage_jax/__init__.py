@@ -8,6 +8,7 @@ from fromage_jax._src.alias import fromage
 from fromage_jax._src.diagnostics import deep_relative_trust
 from fromage_jax._src.diagnostics import descent_learning_rate_bound
 from fromage_jax._src.diagnostics import relative_update_norms
+from fromage_jax._src.fused import FromageState
 from fromage_jax._src.plateau import FromageOnPlateauState
 from fromage_jax._src.plateau import fromage_on_plateau
 from fromage_jax._src.transform import NormClipToInitState
@@ -20,6 +21,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'FromageOnPlateauState',
+    'FromageState',
     'NormClipToInitState',
     'PrefactorCorrectionState',
     'deep_relative_trust',

@@ -24,16 +24,17 @@ LayerAxes = Any
 AxisName = Any
 
 
+# Exact types: a NamedTuple such as optax.MaskedNode is a pytree node, not axes.
 def _is_axes(x) -> bool:
   return x is None or (
-      isinstance(x, (tuple, list))
+      type(x) in (tuple, list)
       and all(isinstance(a, (int, np.integer)) for a in x)
   )
 
 
 def _is_axis_name(x) -> bool:
   return x is None or isinstance(x, str) or (
-      isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+      type(x) is tuple and all(isinstance(a, str) for a in x)
   )
 
 
@@ -80,7 +81,7 @@ def resolve_layer_axes(layer_axes: LayerAxes, params) -> Any:
   """
   raw = _broadcast_prefix(layer_axes, params, _is_axes, 'layer_axes')
 
-  def normalise(path, axes, leaf):
+  def normalise(path, leaf, axes):
     ndim = jnp.ndim(leaf)
     axes = () if axes is None else tuple(int(a) for a in axes)
     for a in axes:
@@ -96,10 +97,8 @@ def resolve_layer_axes(layer_axes: LayerAxes, params) -> Any:
       )
     return out
 
-  return jax.tree_util.tree_map_with_path(
-      lambda p, axes, leaf: normalise(p, axes, leaf), raw, params,
-      is_leaf=_is_axes,
-  )
+  # `params` leads: each of its leaves receives its whole entry of `raw`.
+  return jax.tree_util.tree_map_with_path(normalise, params, raw)
 
 
 def resolve_axis_name(axis_name: AxisName, params) -> Any:
@@ -121,13 +120,14 @@ def compute_dtype(dtype) -> jnp.dtype:
   return norm_dtype(dtype)
 
 
-def sq_norms(x, axes: tuple[int, ...], axis_name=None) -> jax.Array:
-  """Squared Frobenius norm of each layer of `x`.
+def inner(x, y, axes: tuple[int, ...], axis_name=None) -> jax.Array:
+  """Real inner product `Re <x, y>` of each layer of two same-shaped leaves.
 
   Args:
     x: one leaf.
-    axes: its layer axes (from `resolve_layer_axes`).
-    axis_name: mesh axis name(s) across which `x` is sharded inside
+    y: a leaf of the same shape.
+    axes: their layer axes (from `resolve_layer_axes`).
+    axis_name: mesh axis name(s) across which the leaves are sharded inside
       `shard_map`; partial sums are added across them.
 
   Returns:
@@ -136,14 +136,20 @@ def sq_norms(x, axes: tuple[int, ...], axis_name=None) -> jax.Array:
   """
   reduce = tuple(a for a in range(jnp.ndim(x)) if a not in axes)
   xc = x.astype(compute_dtype(x.dtype))
-  if jnp.iscomplexobj(xc):
-    sq = jnp.square(xc.real) + jnp.square(xc.imag)
+  yc = y.astype(compute_dtype(y.dtype))
+  if jnp.iscomplexobj(xc) or jnp.iscomplexobj(yc):
+    prod = xc.real * yc.real + xc.imag * yc.imag
   else:
-    sq = jnp.square(xc)
-  out = jnp.sum(sq, axis=reduce, keepdims=True)
+    prod = xc * yc
+  out = jnp.sum(prod, axis=reduce, keepdims=True)
   if axis_name is not None:
     out = lax.psum(out, axis_name)
   return out
+
+
+def sq_norms(x, axes: tuple[int, ...], axis_name=None) -> jax.Array:
+  """Squared Frobenius norm of each layer of `x`; see `inner`."""
+  return inner(x, x, axes, axis_name)
 
 
 def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:

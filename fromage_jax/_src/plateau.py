@@ -84,6 +84,7 @@ def fromage_on_plateau(
   layers.check_hyperparameter(
       learning_rate, 'learning_rate', allow_callable=True
   )
+  layers.check_hyperparameter(p_bound, 'p_bound', positive=True)
   plateau = contrib.reduce_on_plateau(
       factor=factor,
       patience=patience,
