@@ -1,0 +1,8 @@
+"""Import-path setup only: lets test files do `from tests.reference import ...`."""
+
+import pathlib
+import sys
+
+_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
