@@ -1,0 +1,161 @@
+"""fromage_jax on a GPU: correctness against float64, then speed and bandwidth.
+
+1. Checks fromage_jax.fromage on the device against the float64 NumPy
+   reference (tests/reference.py) over several steps of random trees: float32,
+   bfloat16, zero-initialised and zero-gradient leaves, stacked layers and
+   `p_bound`.
+2. Measures a device-to-device copy's bandwidth, then times the same
+   benchmarks as benchmarks/step_time.py and reports Fromage's achieved
+   bandwidth (5 passes over the params' bytes: read W and g for the norms, then
+   read W and g and write W) as a fraction of the copy's.
+
+    python -m benchmarks.gpu.run [--quick] [--cpu] [--out PATH]
+
+`--cpu` runs everything on the CPU (a test does, with `--quick`).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+if '--cpu' in sys.argv:  # must be set before jax starts
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks import step_time  # noqa: E402
+import fromage_jax  # noqa: E402
+from tests import reference  # noqa: E402
+
+
+def check_against_reference(steps: int = 5) -> list[str]:
+  """Max relative error per case of device steps against float64 NumPy."""
+  rng = np.random.default_rng(0)
+  rows = []
+  cases = {
+      'float32': (jnp.float32, None, None, 1e-5),
+      'float32, p_bound=1.05': (jnp.float32, 1.05, None, 1e-5),
+      'float32, stacked layer_axes': (jnp.float32, None, {'stack': (0,)},
+                                      1e-5),
+      'bfloat16': (jnp.bfloat16, None, None, 2e-2),
+  }
+  for case, (dtype, p_bound, layer_axes, tol) in cases.items():
+    params = {
+        'w': rng.standard_normal((256, 512)), 'b': np.zeros(512),
+        'frozen': rng.standard_normal((64,)),
+        'stack': rng.standard_normal((4, 64, 64)) * np.array(
+            [1, 10, 0.1, 3])[:, None, None],
+    }
+    full_axes = {'w': None, 'b': None, 'frozen': None, 'stack': None}
+    if layer_axes:
+      full_axes.update(layer_axes)
+    tx = fromage_jax.fromage(0.05, p_bound=p_bound, layer_axes=full_axes)
+    dev = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    ref = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32),
+                                            np.float64), dev)
+    init_norms = reference.layer_norms(ref, full_axes)
+    state = tx.init(dev)
+    update = jax.jit(tx.update)
+    worst = 0.0
+    for _ in range(steps):
+      grads = jax.tree.map(lambda x: rng.standard_normal(x.shape), params)
+      grads['frozen'] = np.zeros_like(grads['frozen'])
+      dev_grads = jax.tree.map(lambda x: jnp.asarray(x, dtype), grads)
+      updates, state = update(dev_grads, state, dev)
+      dev = optax.apply_updates(dev, updates)
+      ref = reference.fromage_step(
+          ref, jax.tree.map(lambda x: np.asarray(x, np.float64), dev_grads),
+          0.05, p_bound=p_bound, init_norms=init_norms, layer_axes=full_axes)
+      for k in ref:
+        got = np.asarray(jnp.asarray(dev[k], jnp.float32), np.float64)
+        scale = max(np.abs(ref[k]).max(), 1e-30)
+        worst = max(worst, float(np.abs(got - ref[k]).max() / scale))
+      # Continue both from the device's params, so errors don't compound.
+      ref = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32),
+                                              np.float64), dev)
+    status = 'ok' if worst <= tol else 'FAILED'
+    rows.append(f'| {case} | {worst:.2e} | {tol:.0e} | {status} |')
+  return rows
+
+
+def copy_bandwidth(n_bytes: int, rounds: int) -> float:
+  """Bytes per second of a jitted device-to-device copy (read + write)."""
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  copy = jax.jit(jnp.copy)
+  jax.block_until_ready(copy(x))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(copy(x))
+    times.append(time.perf_counter() - start)
+  return 2 * x.nbytes / float(np.median(times))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='small trees and few rounds')
+  parser.add_argument('--cpu', action='store_true', help='run on the CPU')
+  parser.add_argument('--out', default=None, help='Markdown results file')
+  args = parser.parse_args(argv)
+  rounds = 3 if args.quick else 20
+  scale = 0.002 if args.quick else 1.0
+  start = time.perf_counter()
+
+  checks = check_against_reference(steps=2 if args.quick else 5)
+  results = {}
+  # --quick (a test) times the GPT-2-like tree alone: compiling the others
+  # takes minutes on a small CPU.
+  trees = ['GPT-2 small'] if args.quick else list(step_time.TREES)
+  for tree in trees:
+    shapes = step_time.TREES[tree]
+    print(f'timing {tree} ...', flush=True)
+    results[tree] = step_time.bench_tree(shapes(scale), rounds)
+  param_bytes = results['GPT-2 small']['_tree']['param_bytes']
+  copy_bps = copy_bandwidth(param_bytes, rounds)
+
+  lines = [
+      '# fromage_jax on an accelerator',
+      '',
+      f'Device: {step_time.machine()}; jax {jax.__version__}.',
+      '',
+      '## Against the float64 NumPy reference',
+      '',
+      '| case | max relative error | tolerance | |',
+      '| --- | ---: | ---: | --- |',
+      *checks,
+      '',
+      '## Bandwidth on the GPT-2-small-like tree',
+      '',
+      f'Device-to-device copy of {param_bytes / 1e6:.0f} MB: '
+      f'{copy_bps / 1e9:.1f} GB/s (read + write).',
+      '',
+      '| optimizer | step (ms) | modelled traffic (MB) | achieved GB/s '
+      '| of copy |',
+      '| --- | ---: | ---: | ---: | ---: |',
+  ]
+  # Minimum traffic per step, in passes over the params' bytes.
+  passes = {'optax.sgd': 3, 'fromage_jax.fromage': 5,
+            'fromage_jax.fromage(p_bound)': 5, 'optax.fromage': 5}
+  for name, n in passes.items():
+    r = results['GPT-2 small'][name]
+    bps = n * param_bytes / r['step_s']
+    lines.append(f'| `{name}` | {r["step_s"] * 1e3:.2f} '
+                 f'| {n * param_bytes / 1e6:.0f} | {bps / 1e9:.1f} '
+                 f'| {bps / copy_bps:.0%} |')
+  md = '\n'.join(lines) + '\n\n' + step_time.markdown(
+      results, rounds, time.perf_counter() - start)
+  print(md)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(md)
+  return 0 if all('FAILED' not in row for row in checks) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,409 @@
+"""Optimizer step time, compile time and memory: fromage_jax against optax.
+
+A jitted, buffer-donated step (`update` + `optax.apply_updates`) of each
+optimizer on three parameter trees, all in one process, the runs interleaved
+round by round; the median over the timed rounds is reported.
+
+    python -m benchmarks.step_time [--rounds 15] [--scale 1.0] [--out PATH]
+
+`--scale` shrinks the trees (a test runs `--scale 0.01 --rounds 2`).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fromage_jax
+
+# --------------------------------------------------------------------------
+# Parameter trees (shapes only; values are made on the device).
+
+
+def gpt2_small_shapes(scale: float = 1.0) -> dict:
+  """GPT-2 small: 124M params in 148 leaves (embeddings, 12 blocks, ln_f)."""
+  d = max(8, int(768 * scale**0.5) // 8 * 8)
+  vocab = max(64, int(50257 * scale**0.5))
+  shapes = {'wte': (vocab, d), 'wpe': (max(16, int(1024 * scale**0.5)), d),
+            'ln_f': {'scale': (d,), 'bias': (d,)}}
+  for i in range(12):
+    shapes[f'h{i}'] = {
+        'ln_1': {'scale': (d,), 'bias': (d,)},
+        'attn': {'c_attn': {'kernel': (d, 3 * d), 'bias': (3 * d,)},
+                 'c_proj': {'kernel': (d, d), 'bias': (d,)}},
+        'ln_2': {'scale': (d,), 'bias': (d,)},
+        'mlp': {'c_fc': {'kernel': (d, 4 * d), 'bias': (4 * d,)},
+                'c_proj': {'kernel': (4 * d, d), 'bias': (d,)}},
+    }
+  return shapes
+
+
+def resnet50_shapes(scale: float = 1.0) -> dict:
+  """ResNet-50 as in Keras: 25.6M params in 214 leaves.
+
+  Every convolution has a kernel and a bias and is followed by batch norm
+  (scale and bias); many leaves are small.
+  """
+  mult = scale**0.5
+
+  def width(c):
+    return max(4, int(c * mult))
+
+  def conv_bn(k, c_in, c_out):
+    return {'conv': {'kernel': (k, k, c_in, c_out), 'bias': (c_out,)},
+            'bn': {'scale': (c_out,), 'bias': (c_out,)}}
+
+  shapes = {'stem': conv_bn(7, 3, width(64))}
+  c_in = width(64)
+  for stage, (blocks, w) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512),
+                                          strict=True)):
+    w = width(w)
+    for b in range(blocks):
+      block = {'a': conv_bn(1, c_in, w), 'b': conv_bn(3, w, w),
+               'c': conv_bn(1, w, 4 * w)}
+      if b == 0:
+        block['shortcut'] = conv_bn(1, c_in, 4 * w)
+      shapes[f'stage{stage}_block{b}'] = block
+      c_in = 4 * w
+  shapes['fc'] = {'kernel': (c_in, 1000), 'bias': (1000,)}
+  return shapes
+
+
+def many_small_shapes(scale: float = 1.0, n: int = 2000) -> dict:
+  """`n` small leaves (16 to 4,096 elements; matrices and vectors)."""
+  rng = np.random.default_rng(0)
+  n = max(20, int(n * scale**0.5))
+  shapes = {}
+  for i in range(n):
+    rows, cols = (int(x) for x in rng.integers(4, 65, size=2))
+    shapes[f'leaf{i:04d}'] = (rows * cols,) if i % 3 == 0 else (rows, cols)
+  return shapes
+
+
+TREES = {
+    'GPT-2 small': gpt2_small_shapes,
+    'ResNet-50': resnet50_shapes,
+    '2,000 small leaves': many_small_shapes,
+}
+
+
+def materialise(shapes, seed: int):
+  """Random params (scaled like an init) and gradients for a tree of shapes."""
+  # NumPy draws: jax.random would compile a kernel for every distinct shape.
+  rng = np.random.default_rng(seed)
+  is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+
+  def draw(scale):
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.standard_normal(s, np.float32)),
+        shapes, is_leaf=is_shape,
+    )
+
+  return draw(0.02), draw(1e-3)
+
+
+# --------------------------------------------------------------------------
+# Optimizers.
+
+
+def optimizers() -> dict:
+  return {
+      'optax.sgd': optax.sgd(0.01),
+      'optax.adam': optax.adam(1e-3),
+      'optax.lars': optax.lars(0.01),
+      'optax.fromage': optax.fromage(0.01),
+      'fromage_jax.fromage': fromage_jax.fromage(0.01),
+      'fromage_jax.fromage(p_bound)': fromage_jax.fromage(0.01, p_bound=2.0),
+  }
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_step(tx, params, state, grads):
+  """The jitted, donated step; returns (compiled, seconds to compile)."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, grads).compile()
+  return compiled, time.perf_counter() - start
+
+
+def peak_bytes(compiled) -> int:
+  """Peak device memory of one step, from XLA's buffer assignment."""
+  m = compiled.memory_analysis()
+  if getattr(m, 'peak_memory_in_bytes', 0):
+    return int(m.peak_memory_in_bytes)
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
+  """Times every optimizer on one tree, interleaved; returns rows by name."""
+  params0, grads = materialise(shapes, seed=0)
+  runs = {}
+  for name, tx in optimizers().items():
+    state = tx.init(params0)
+    compiled, compile_s = compile_step(tx, params0, state, grads)
+    runs[name] = dict(
+        step=compiled, params=jax.tree.map(jnp.copy, params0), state=state,
+        times=[], compile_s=compile_s, state_bytes=tree_bytes(state),
+        peak_bytes=peak_bytes(compiled),
+    )
+    if progress:
+      progress.update()
+  for r in range(warmup + rounds):
+    for run in runs.values():
+      start = time.perf_counter()
+      run['params'], run['state'] = run['step'](run['params'], run['state'],
+                                                grads)
+      jax.block_until_ready(run['params'])
+      if r >= warmup:
+        run['times'].append(time.perf_counter() - start)
+    if progress:
+      progress.update()
+  n_layers = len(jax.tree.leaves(params0))
+  return {
+      name: dict(
+          step_s=statistics.median(run['times']),
+          compile_s=run['compile_s'],
+          state_bytes=run['state_bytes'],
+          state_bytes_per_layer=run['state_bytes'] / n_layers,
+          peak_bytes=run['peak_bytes'],
+      )
+      for name, run in runs.items()
+  } | {'_tree': dict(params=sum(x.size for x in jax.tree.leaves(params0)),
+                     leaves=n_layers, param_bytes=tree_bytes(params0))}
+
+
+# --------------------------------------------------------------------------
+# A real training step: forward, backward and update of a Flax NNX language
+# model, Fromage against Adam.
+
+
+def stdlib_bytes(n: int) -> np.ndarray:
+  """`n` bytes of text from the Python standard library's own sources."""
+  import glob
+  import sysconfig
+
+  data = b''
+  for path in sorted(glob.glob(os.path.join(sysconfig.get_path('stdlib'),
+                                            '*.py'))):
+    with open(path, 'rb') as f:
+      data += f.read()
+    if len(data) >= n:
+      break
+  return np.frombuffer(data[:n], dtype=np.uint8)
+
+
+def transformer_lm(depth: int, width: int, seq: int):
+  """A byte-level pre-norm transformer LM in Flax NNX; returns the model."""
+  from flax import nnx
+
+  class Block(nnx.Module):
+
+    def __init__(self, rngs):
+      self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(
+          num_heads=max(1, width // 64), in_features=width, decode=False,
+          rngs=rngs)
+      self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+      self.fc = nnx.Linear(width, 4 * width, rngs=rngs)
+      self.out = nnx.Linear(4 * width, width, rngs=rngs)
+
+    def __call__(self, x, mask):
+      x = x + self.attn(self.ln1(x), mask=mask)
+      return x + self.out(jax.nn.gelu(self.fc(self.ln2(x))))
+
+  class LM(nnx.Module):
+
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(256, width, rngs=rngs)
+      self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
+                                                    (seq, width)))
+      self.blocks = nnx.List([Block(rngs) for _ in range(depth)])
+      self.ln = nnx.LayerNorm(width, rngs=rngs)
+      self.head = nnx.Linear(width, 256, rngs=rngs)
+
+    def __call__(self, tokens):
+      x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+      mask = nnx.make_causal_mask(tokens)
+      for block in self.blocks:
+        x = block(x, mask)
+      return self.head(self.ln(x))
+
+  return LM(nnx.Rngs(0))
+
+
+def bench_lm(rounds: int, depth: int = 6, width: int = 256, seq: int = 64,
+             batch: int = 8, progress=None) -> dict:
+  """Median time of a jitted, donated train step of the LM, per optimizer."""
+  from flax import nnx
+
+  model = transformer_lm(depth, width, seq)
+  graphdef, params = nnx.split(model, nnx.Param)
+  text = jnp.asarray(stdlib_bytes(batch * (seq + 1)).astype(np.int32))
+  tokens = text.reshape(batch, seq + 1)
+
+  def loss_fn(params, tokens):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
+
+  runs = {}
+  for name, tx in {'optax.adam': optax.adam(1e-3),
+                   'fromage_jax.fromage': fromage_jax.fromage(0.01)}.items():
+
+    def step(params, state, tokens, tx=tx):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+    p = jax.tree.map(jnp.copy, params)
+    runs[name] = dict(step=jax.jit(step, donate_argnums=(0, 1)), params=p,
+                      state=tx.init(p), times=[], losses=[])
+  for r in range(2 + rounds):
+    for run in runs.values():
+      start = time.perf_counter()
+      run['params'], run['state'], loss = run['step'](run['params'],
+                                                      run['state'], tokens)
+      run['losses'].append(float(loss))
+      if r >= 2:
+        run['times'].append(time.perf_counter() - start)
+    if progress:
+      progress.update()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  return {name: dict(step_s=statistics.median(run['times']),
+                     first_loss=run['losses'][0], last_loss=run['losses'][-1])
+          for name, run in runs.items()} | {
+              '_model': dict(depth=depth, width=width, seq=seq, batch=batch,
+                             params=n_params,
+                             leaves=len(jax.tree.leaves(params)))}
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    cpu = platform.processor() or platform.machine()
+    try:
+      out = subprocess.run(['lscpu'], capture_output=True, text=True,
+                           check=False).stdout
+      cpu = next((ln.split(':', 1)[1].strip() for ln in out.splitlines()
+                  if ln.startswith('Model name')), cpu)
+    except OSError:
+      pass
+    return f'CPU: {cpu}, {os.cpu_count()} cores'
+  return f'{dev.platform.upper()}: {dev.device_kind}'
+
+
+def markdown(results: dict, rounds: int, wall_s: float) -> str:
+  lines = [
+      '# Optimizer step time: fromage_jax against optax',
+      '',
+      f'Machine: {machine()}; jax {jax.__version__}, optax {optax.__version__}.'
+      f' Median of {rounds} interleaved rounds after 2 warm-up steps; a step '
+      'is `update` + `optax.apply_updates`, jitted with donated params and '
+      'state. Peak memory is XLA\'s buffer assignment for one step '
+      '(arguments + outputs - aliased + temporaries). '
+      f'Whole run: {wall_s:.0f} s.',
+  ]
+  for tree, rows in results.items():
+    info = rows['_tree']
+    sgd, ofr = rows['optax.sgd'], rows['optax.fromage']
+    lines += [
+        '',
+        f'## {tree}: {info["params"] / 1e6:.1f}M params, {info["leaves"]} '
+        'leaves',
+        '',
+        '| optimizer | step (ms) | x SGD | x optax.fromage | compile (s) '
+        '| state (bytes) | state / layer (bytes) | peak (MB) | peak x SGD |',
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ]
+    for name, r in rows.items():
+      if name.startswith('_'):
+        continue
+      lines.append(
+          f'| `{name}` | {r["step_s"] * 1e3:.2f} '
+          f'| {r["step_s"] / sgd["step_s"]:.2f} '
+          f'| {r["step_s"] / ofr["step_s"]:.2f} | {r["compile_s"]:.2f} '
+          f'| {r["state_bytes"]:,} | {r["state_bytes_per_layer"]:.1f} '
+          f'| {r["peak_bytes"] / 1e6:.1f} '
+          f'| {r["peak_bytes"] / sgd["peak_bytes"]:.3f} |'
+      )
+  return '\n'.join(lines) + '\n'
+
+
+def markdown_lm(lm: dict) -> str:
+  m = lm['_model']
+  adam = lm['optax.adam']['step_s']
+  lines = [
+      '',
+      f'## Real training step: Flax NNX transformer LM ({m["depth"]} layers, '
+      f'width {m["width"]}, {m["params"] / 1e6:.1f}M params, {m["leaves"]} '
+      f'leaves; batch {m["batch"]} x {m["seq"]} bytes of stdlib source)',
+      '',
+      'Forward, backward and update, jitted and donated; median over the timed '
+      'rounds.',
+      '',
+      '| optimizer | step (ms) | x Adam | loss: first -> last timed step |',
+      '| --- | ---: | ---: | --- |',
+  ]
+  for name, r in lm.items():
+    if not name.startswith('_'):
+      lines.append(f'| `{name}` | {r["step_s"] * 1e3:.1f} '
+                   f'| {r["step_s"] / adam:.3f} '
+                   f'| {r["first_loss"]:.3f} -> {r["last_loss"]:.3f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--rounds', type=int, default=15)
+  parser.add_argument('--scale', type=float, default=1.0)
+  parser.add_argument('--trees', nargs='*', default=list(TREES))
+  parser.add_argument('--no-lm', action='store_true',
+                      help='skip the transformer LM step')
+  parser.add_argument('--out', default=None,
+                      help='write the Markdown table here')
+  args = parser.parse_args(argv)
+  from tqdm.auto import tqdm  # an "examples" extra
+
+  start = time.perf_counter()
+  n_opt = len(optimizers())
+  results = {}
+  n_bars = len(args.trees) * (n_opt + args.rounds + 2) + (
+      0 if args.no_lm else args.rounds + 2)
+  with tqdm(total=n_bars,
+            desc='step_time') as bar:
+    for tree in args.trees:
+      bar.set_postfix_str(tree)
+      results[tree] = bench_tree(TREES[tree](args.scale), args.rounds,
+                                 progress=bar)
+    if not args.no_lm:
+      bar.set_postfix_str('transformer LM')
+      lm = bench_lm(args.rounds, progress=bar)
+  md = markdown(results, args.rounds, time.perf_counter() - start)
+  if not args.no_lm:
+    md += markdown_lm(lm)
+  print(md)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(md)
+  return results
+
+
+if __name__ == '__main__':
+  main()
