@@ -54,7 +54,7 @@ def check_against_reference(steps: int = 5) -> list[str]:
     if layer_axes:
       full_axes.update(layer_axes)
     tx = fromage_jax.fromage(0.05, p_bound=p_bound, layer_axes=full_axes)
-    dev = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    dev = jax.tree.map(lambda x, dtype=dtype: jnp.asarray(x, dtype), params)
     ref = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32),
                                             np.float64), dev)
     init_norms = reference.layer_norms(ref, full_axes)
@@ -64,7 +64,8 @@ def check_against_reference(steps: int = 5) -> list[str]:
     for _ in range(steps):
       grads = jax.tree.map(lambda x: rng.standard_normal(x.shape), params)
       grads['frozen'] = np.zeros_like(grads['frozen'])
-      dev_grads = jax.tree.map(lambda x: jnp.asarray(x, dtype), grads)
+      dev_grads = jax.tree.map(lambda x, dtype=dtype: jnp.asarray(x, dtype),
+                               grads)
       updates, state = update(dev_grads, state, dev)
       dev = optax.apply_updates(dev, updates)
       ref = reference.fromage_step(
