@@ -11,6 +11,7 @@ from fromage_jax._src.diagnostics import relative_update_norms
 from fromage_jax._src.fused import FromageState
 from fromage_jax._src.plateau import FromageOnPlateauState
 from fromage_jax._src.plateau import fromage_on_plateau
+from fromage_jax._src.stacking import stacked_layer_axes
 from fromage_jax._src.transform import NormClipToInitState
 from fromage_jax._src.transform import PrefactorCorrectionState
 from fromage_jax._src.transform import norm_clip_to_init
@@ -32,4 +33,5 @@ __all__ = (
     'prefactor_correction',
     'relative_update_norms',
     'scale_by_frobenius_ratio',
+    'stacked_layer_axes',
 )
