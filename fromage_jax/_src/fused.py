@@ -66,18 +66,23 @@ def fused_fromage(
         else state.init_norms
     )
 
+    # eta_t and 1 / sqrt(1 + eta_t**2) once per norm dtype, not once per leaf.
+    scalars = {}
+
+    def eta_and_shrink(real):
+      if real not in scalars:
+        eta_t = jnp.asarray(eta, real)
+        scalars[real] = eta_t, jax.lax.rsqrt(1 + jnp.square(eta_t))
+      return scalars[real]
+
     def step(g, w, w0_norm, ax, an):
-      real = layers.norm_dtype(w.dtype)
-      eta_t = jnp.asarray(eta, real)
-      w_norm = jnp.sqrt(layers.sq_norms(w, ax, an))
+      eta_t, shrink = eta_and_shrink(layers.norm_dtype(w.dtype))
+      w_sq = layers.sq_norms(w, ax, an)
       g_norm = jnp.sqrt(layers.sq_norms(g, ax, an))
-      a = eta_t * layers.safe_ratio(w_norm, g_norm)
-      shrink = jax.lax.rsqrt(1 + jnp.square(eta_t))
+      a = eta_t * layers.safe_ratio(jnp.sqrt(w_sq), g_norm)
       if w0_norm is not None:
-        new_sq = (
-            jnp.square(w_norm)
-            - 2 * a * layers.inner(w, g, ax, an)
-            + jnp.square(a * g_norm)
+        new_sq = w_sq - 2 * a * layers.inner(w, g, ax, an) + jnp.square(
+            a * g_norm
         )
         new_norm = shrink * jnp.sqrt(jnp.maximum(new_sq, 0))
         bound = p_bound * w0_norm
