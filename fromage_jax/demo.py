@@ -11,10 +11,8 @@ as a PNG and the table as Markdown.
 """
 
 import argparse
-import importlib
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -23,79 +21,11 @@ import numpy as np
 import optax
 
 import fromage_jax
-
-
-def _require(module: str):
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    sys.exit(
-        f'The demo needs {module.split(".")[0]}, from the "examples" extra: '
-        'python3 -m pip install -e ".[examples]"'
-    )
-
-
-def load_digits(seed: int):
-  """Standardised digits, split 80/20 with a fixed seed."""
-  datasets = _require('sklearn.datasets')
-  model_selection = _require('sklearn.model_selection')
-  x, y = datasets.load_digits(return_X_y=True)
-  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x.astype(np.float32), y, test_size=0.2, random_state=seed, stratify=y
-  )
-  # Some pixels are constant in the training split: leave those unscaled.
-  mean, std = x_tr.mean(0), x_tr.std(0)
-  std = np.where(std > 0, std, 1.0)
-  return (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te
-
-
-def init_mlp(key, sizes):
-  """He-initialised weights and zero biases."""
-  params = []
-  keys = jax.random.split(key, len(sizes) - 1)
-  for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
-    w = jax.random.normal(k, (d_in, d_out)) * jnp.sqrt(2.0 / d_in)
-    params.append({'w': w, 'b': jnp.zeros(d_out)})
-  return params
-
-
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer['w'] + layer['b'])
-  return x @ params[-1]['w'] + params[-1]['b']
-
-
-def loss_fn(params, x, y):
-  logits = mlp(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def evaluate(params, x, y):
-  logits = mlp(params, x)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return float(loss), float(jnp.mean(jnp.argmax(logits, -1) == y))
-
-
-def make_epoch(tx, x, y, batch_size):
-  """One jitted epoch: a scan over the batches of a given permutation."""
-
-  # Optimizers that take the loss (decay on plateau) get it; others ignore it.
-  tx = optax.with_extra_args_support(tx)
-
-  def step(carry, idx):
-    params, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx])
-    updates, state = tx.update(grads, state, params, value=loss)
-    return (optax.apply_updates(params, updates), state), loss
-
-  @jax.jit
-  def epoch(params, state, perm):
-    n = (perm.shape[0] // batch_size) * batch_size
-    batches = perm[:n].reshape(-1, batch_size)
-    (params, state), losses = jax.lax.scan(step, (params, state), batches)
-    return params, state, losses
-
-  return epoch
+from fromage_jax.examples._common import evaluate
+from fromage_jax.examples._common import init_mlp
+from fromage_jax.examples._common import load_digits
+from fromage_jax.examples._common import make_epoch
+from fromage_jax.examples._common import require
 
 
 def optimizers(steps_per_epoch: int) -> dict:
@@ -114,7 +44,7 @@ def optimizers(steps_per_epoch: int) -> dict:
 
 def run(epochs: int, batch_size: int, hidden: int, depth: int, seed: int):
   """Trains every optimizer; returns {name: results dict}."""
-  tqdm = _require('tqdm.auto').tqdm
+  tqdm = require('tqdm.auto').tqdm
   x_tr, y_tr, x_te, y_te = load_digits(seed)
   x_tr, y_tr = jnp.asarray(x_tr), jnp.asarray(y_tr)
   sizes = [x_tr.shape[1]] + [hidden] * (depth - 1) + [10]
@@ -164,9 +94,9 @@ def table(results) -> str:
 
 
 def plot(results, path: str) -> None:
-  matplotlib = _require('matplotlib')
+  matplotlib = require('matplotlib')
   matplotlib.use('Agg')
-  plt = _require('matplotlib.pyplot')
+  plt = require('matplotlib.pyplot')
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, r in results.items():
     # Losses that reach exactly 0 are drawn at the floor of the log axis.

@@ -14,86 +14,20 @@ are equal bit for bit.
 """
 
 import argparse
-import importlib
 import logging
 import os
-import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import fromage_jax
-
-
-def _require(module: str):
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    sys.exit(
-        f'This example needs {module.split(".")[0]}, from the "examples" '
-        'extra: python3 -m pip install -e ".[examples]"'
-    )
-
-
-def load_digits(seed: int):
-  """Standardised digits, split 80/20 with a fixed seed."""
-  datasets = _require('sklearn.datasets')
-  model_selection = _require('sklearn.model_selection')
-  x, y = datasets.load_digits(return_X_y=True)
-  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x.astype(np.float32), y, test_size=0.2, random_state=seed, stratify=y
-  )
-  mean, std = x_tr.mean(0), x_tr.std(0)
-  std = np.where(std > 0, std, 1.0)
-  return (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te
-
-
-def init_mlp(key, sizes):
-  """He-initialised weights and zero biases."""
-  params = []
-  keys = jax.random.split(key, len(sizes) - 1)
-  for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
-    w = jax.random.normal(k, (d_in, d_out)) * jnp.sqrt(2.0 / d_in)
-    params.append({'w': w, 'b': jnp.zeros(d_out)})
-  return params
-
-
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer['w'] + layer['b'])
-  return x @ params[-1]['w'] + params[-1]['b']
-
-
-def loss_fn(params, x, y):
-  logits = mlp(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def accuracy(params, x, y) -> float:
-  return float(jnp.mean(jnp.argmax(mlp(params, x), -1) == y))
-
-
-def make_epoch(tx, x, y, batch_size):
-  """One jitted epoch: a scan over the batches of a given permutation."""
-
-  def step(carry, idx):
-    params, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx])
-    # fromage_on_plateau takes the loss to detect plateaus.
-    updates, state = tx.update(grads, state, params, value=loss)
-    return (optax.apply_updates(params, updates), state), loss
-
-  @jax.jit
-  def epoch(params, state, perm):
-    n = (perm.shape[0] // batch_size) * batch_size
-    batches = perm[:n].reshape(-1, batch_size)
-    (params, state), losses = jax.lax.scan(step, (params, state), batches)
-    return params, state, losses
-
-  return epoch
+from fromage_jax.examples._common import accuracy
+from fromage_jax.examples._common import init_mlp
+from fromage_jax.examples._common import load_digits
+from fromage_jax.examples._common import make_epoch
+from fromage_jax.examples._common import require
 
 
 class Trainer:
@@ -140,7 +74,7 @@ class Trainer:
 
 
 def _ocp():
-  return _require('orbax.checkpoint')
+  return require('orbax.checkpoint')
 
 
 def manager(ckpt_dir: str, save_every: int):
@@ -200,7 +134,7 @@ def main(argv=None) -> dict:
   )
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     parser.error(f'--ckpt-dir {ckpt_dir} is not empty')
-  tqdm = _require('tqdm.auto').tqdm
+  tqdm = require('tqdm.auto').tqdm
   # orbax logs every save and restore at INFO level through absl.
   logging.getLogger('absl').setLevel(logging.WARNING)
 

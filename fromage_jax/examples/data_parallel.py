@@ -29,11 +29,9 @@ if __name__ == '__main__':
     os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={_n}'
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -41,51 +39,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fromage_jax  # noqa: E402
-
-
-def _require(module: str):
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    sys.exit(
-        f'This example needs {module.split(".")[0]}, from the "examples" '
-        'extra: python3 -m pip install -e ".[examples]"'
-    )
-
-
-def load_digits(seed: int):
-  """Standardised digits, split 80/20 with a fixed seed."""
-  datasets = _require('sklearn.datasets')
-  model_selection = _require('sklearn.model_selection')
-  x, y = datasets.load_digits(return_X_y=True)
-  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x.astype(np.float32), y.astype(np.int32), test_size=0.2,
-      random_state=seed, stratify=y,
-  )
-  mean, std = x_tr.mean(0), x_tr.std(0)
-  std = np.where(std > 0, std, 1.0)
-  return (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te
-
-
-def init_mlp(key, sizes):
-  """He-initialised weights and zero biases."""
-  params = []
-  keys = jax.random.split(key, len(sizes) - 1)
-  for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
-    w = jax.random.normal(k, (d_in, d_out)) * jnp.sqrt(2.0 / d_in)
-    params.append({'w': w, 'b': jnp.zeros(d_out)})
-  return params
-
-
-def mlp(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer['w'] + layer['b'])
-  return x @ params[-1]['w'] + params[-1]['b']
-
-
-def loss_fn(params, x, y):
-  logits = mlp(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+from fromage_jax.examples._common import accuracy  # noqa: E402
+from fromage_jax.examples._common import init_mlp  # noqa: E402
+from fromage_jax.examples._common import load_digits  # noqa: E402
+from fromage_jax.examples._common import loss_fn  # noqa: E402
+from fromage_jax.examples._common import minibatches  # noqa: E402
+from fromage_jax.examples._common import require  # noqa: E402
 
 
 def make_train_step(tx, replicated, batch_sharding):
@@ -108,10 +67,6 @@ def make_train_step(tx, replicated, batch_sharding):
   )
 
 
-def accuracy(params, x, y) -> float:
-  return float(jnp.mean(jnp.argmax(mlp(params, x), -1) == y))
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--devices', type=int, default=4,
@@ -129,7 +84,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.quick:
     args.epochs, args.hidden = 8, 64
-  tqdm = _require('tqdm.auto').tqdm
+  tqdm = require('tqdm.auto').tqdm
 
   devices = jax.devices()
   mesh = Mesh(np.array(devices), ('data',))
@@ -156,9 +111,7 @@ def main(argv=None) -> dict:
   with tqdm(total=args.epochs * steps_per_epoch, desc='training',
             unit='step') as bar:
     for epoch in range(args.epochs):
-      perm = rng.permutation(len(x_tr))
-      for i in range(steps_per_epoch):
-        idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+      for idx in minibatches(rng, len(x_tr), args.batch_size):
         x = jax.device_put(x_tr[idx], batch_sharding)
         y = jax.device_put(y_tr[idx], batch_sharding)
         params, opt_state, loss = step(params, opt_state, x, y)

@@ -17,23 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import datasets
-from sklearn import model_selection
 from tqdm.auto import tqdm
 
 import fromage_jax
-
-
-def load_digits(seed: int):
-  """Standardised 64-pixel digits, split 80/20 with a fixed seed."""
-  x, y = datasets.load_digits(return_X_y=True)
-  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x.astype(np.float32), y, test_size=0.2, random_state=seed, stratify=y
-  )
-  # Some pixels are constant in the training split: leave those unscaled.
-  mean, std = x_tr.mean(0), x_tr.std(0)
-  std = np.where(std > 0, std, 1.0)
-  return (x_tr - mean) / std, (x_te - mean) / std, y_tr, y_te
+from fromage_jax.examples._common import load_digits
+from fromage_jax.examples._common import minibatches
 
 
 class MLP(nn.Module):
@@ -68,7 +56,7 @@ def accuracy(state: train_state.TrainState, x, y):
 def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
           hidden: int = 128, depth: int = 3):
   """Trains the MLP; returns a dict of train/test accuracy and wall time."""
-  x_tr, x_te, y_tr, y_te = load_digits(seed)
+  x_tr, y_tr, x_te, y_te = load_digits(seed)
   model = MLP(hidden=hidden, depth=depth)
   params = model.init(jax.random.key(seed), x_tr[:1])['params']
   state = train_state.TrainState.create(
@@ -80,9 +68,7 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
   start = time.perf_counter()
   with tqdm(total=epochs * steps, desc='linen mlp', unit='step') as bar:
     for _ in range(epochs):
-      perm = rng.permutation(len(x_tr))
-      for i in range(steps):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
+      for idx in minibatches(rng, len(x_tr), batch_size):
         state, loss = train_step(state, x_tr[idx], y_tr[idx])
         bar.update()
       bar.set_postfix(loss=f'{float(loss):.3f}')

@@ -16,20 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import datasets
-from sklearn import model_selection
 from tqdm.auto import tqdm
 
 import fromage_jax
-
-
-def load_digits(seed: int):
-  """Digits as [N, 8, 8, 1] images in [0, 1], split 80/20 with a fixed seed."""
-  x, y = datasets.load_digits(return_X_y=True)
-  x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-  return model_selection.train_test_split(
-      x, y, test_size=0.2, random_state=seed, stratify=y
-  )
+from fromage_jax.examples._common import load_digits
+from fromage_jax.examples._common import minibatches
 
 
 class CNN(nnx.Module):
@@ -69,7 +60,9 @@ def accuracy(model, x, y):
 def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
           channels: int = 16):
   """Trains the CNN; returns a dict of train/test accuracy and wall time."""
-  x_tr, x_te, y_tr, y_te = load_digits(seed)
+  x_tr, y_tr, x_te, y_te = load_digits(seed, standardise=False)
+  # [N, 8, 8, 1] images for the convolutions.
+  x_tr, x_te = x_tr.reshape(-1, 8, 8, 1), x_te.reshape(-1, 8, 8, 1)
   model = CNN(nnx.Rngs(seed), channels=channels)
   optimizer = nnx.Optimizer(
       model, fromage_jax.fromage(learning_rate), wrt=nnx.Param
@@ -79,9 +72,7 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
   start = time.perf_counter()
   with tqdm(total=epochs * steps, desc='nnx cnn', unit='step') as bar:
     for _ in range(epochs):
-      perm = rng.permutation(len(x_tr))
-      for i in range(steps):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
+      for idx in minibatches(rng, len(x_tr), batch_size):
         loss = train_step(model, optimizer, x_tr[idx], y_tr[idx])
         bar.update()
       bar.set_postfix(loss=f'{float(loss):.3f}')
