@@ -1,0 +1,129 @@
+"""Shared pieces of the paper-figure scripts: data, bias-free MLPs, output."""
+
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+RESULTS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'
+)
+
+
+def load_digits():
+  """All 1,797 of scikit-learn's 8x8 digits, standardised per pixel.
+
+  The paper reports training-set numbers only, so everything is training data.
+  """
+  from sklearn import datasets
+
+  x, y = datasets.load_digits(return_X_y=True)
+  x = x.astype(np.float32)
+  mean, std = x.mean(0), x.std(0)
+  std = np.where(std > 0, std, 1.0)  # constant (blank) pixels stay unscaled
+  return jnp.asarray((x - mean) / std), jnp.asarray(y.astype(np.int32))
+
+
+def mlp_sizes(depth: int, width: int, d_in: int = 64, d_out: int = 10):
+  """Layer sizes of a `depth`-layer MLP (`depth` weight matrices)."""
+  return [d_in] + [width] * (depth - 1) + [d_out]
+
+
+def init_mlp(key, sizes):
+  """He-normal weight matrices, no biases: the paper's `L` matrices `W_l`."""
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [
+      jax.random.normal(k, (d_in, d_out)) * jnp.sqrt(2.0 / d_in)
+      for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
+  ]
+
+
+def mlp(params, x):
+  """ReLU MLP without biases, normalisation or skip connections."""
+  for w in params[:-1]:
+    x = jax.nn.relu(x @ w)
+  return x @ params[-1]
+
+
+def loss_fn(params, x, y, model=mlp):
+  logits = model(params, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def accuracy(params, x, y, model=mlp):
+  return jnp.mean(jnp.argmax(model(params, x), -1) == y)
+
+
+def machine() -> str:
+  """The machine, in words (platform, CPU, cores, library versions)."""
+  import optax as _optax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          cpu = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    load = f', load average {os.getloadavg()[0]:.2f}'
+  except OSError:
+    load = ''
+  return (
+      f'{jax.devices()[0].platform} ({cpu}), {os.cpu_count()} CPU cores{load}; '
+      f'{platform.system()} {platform.release()}; python '
+      f'{platform.python_version()}, jax {jax.__version__}, optax '
+      f'{_optax.__version__}'
+  )
+
+
+def write_markdown(out: str, name: str, title: str, body: str) -> str:
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f'{name}.md')
+  with open(path, 'w') as f:
+    f.write(f'# {title}\n\n![{name}]({name}.png)\n\n{body.strip()}\n')
+  return path
+
+
+def figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
+  """A matplotlib figure and its axes grid, without pyplot (no backend)."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(width * ncols, height * nrows))
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  return fig, axes
+
+
+def to_jsonable(obj):
+  """Numbers, arrays and nested dicts/lists as plain JSON values."""
+  if isinstance(obj, dict):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray | jax.Array | np.generic):
+    arr = np.asarray(obj, dtype=float)
+    return np.where(np.isfinite(arr), arr, np.nan).tolist()
+  return obj
+
+
+def write_json(path, obj) -> None:
+  import json
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(to_jsonable(obj), f, allow_nan=True)
+
+
+def add_common_args(parser):
+  parser.add_argument('--quick', action='store_true',
+                      help='small sizes: seconds, for the tests and notebooks')
+  parser.add_argument('--out', default=RESULTS_DIR,
+                      help='where <name>.md and <name>.png go (default '
+                      'benchmarks/results)')
+  parser.add_argument('--json', default=None,
+                      help='also write the measured numbers to this JSON file')

@@ -1,0 +1,227 @@
+"""The paper's figure 2: compounding weight growth without Fromage's prefactor.
+
+A ReLU MLP whose every layer is scale-invariant (it uses `W / ||W||_F`, times a
+fixed gain, in place of `W`: a stand-in for spectral or layer normalisation)
+is trained on scikit-learn's digits with the LARS-style rule
+`optax.chain(fromage_jax.scale_by_frobenius_ratio(),
+optax.scale_by_learning_rate(eta))` and with `fromage_jax.fromage(eta)`, from
+the same initialisation on the same batches. The gradient of a scale-invariant
+layer is orthogonal to `W`, so by Pythagoras each LARS step multiplies
+`||W||` by `sqrt(1 + eta**2)`: `||W_t|| = (1 + eta**2)**(t/2) ||W_0||`, until
+float32 overflows. Fromage's `1/sqrt(1 + eta**2)` prefactor keeps it flat.
+
+    python -m benchmarks.paper.growth [--quick] [--out DIR]
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from benchmarks.paper import _common
+import fromage_jax
+
+NAME = 'growth'
+# 10,000 steps: long enough for LARS at eta = 0.1 to overflow float32
+# (||W||^2 > 3.4e38 near t = 2 ln(1.8e19) / ln(1.01), about 8,900 steps).
+FULL = dict(etas=(0.01, 0.03, 0.1), steps=10_000, depth=4, width=64,
+            batch_size=128, seed=0)
+QUICK = dict(etas=(0.1,), steps=200, depth=3, width=32, batch_size=128,
+             seed=0)
+
+
+def scale_invariant_mlp(params, x):
+  """Each layer multiplies by `sqrt(2 d_out) W / ||W||`: invariant to `||W||`."""
+  for i, w in enumerate(params):
+    x = x @ (w * (jnp.sqrt(2.0 * w.shape[1]) / jnp.linalg.norm(w)))
+    if i < len(params) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def optimizer(rule: str, eta):
+  """`eta` may be traced (the runs for all etas are vmapped)."""
+  if rule == 'lars':
+    return optax.chain(fromage_jax.scale_by_frobenius_ratio(),
+                       optax.scale_by_learning_rate(eta))
+  # A constant schedule: lets `eta` be a traced value.
+  return fromage_jax.fromage(lambda count: eta)
+
+
+def make_train(rule, x, y, steps, batch_size):
+  def loss(params, xb, yb):
+    return _common.loss_fn(params, xb, yb, model=scale_invariant_mlp)
+
+  def train_one(eta, params, batches):
+    tx = optimizer(rule, eta)
+
+    def step(carry, idx):
+      params, state = carry
+      value, grads = jax.value_and_grad(loss)(params, x[idx], y[idx])
+      cos = [jnp.vdot(g, w) / (jnp.linalg.norm(g) * jnp.linalg.norm(w))
+             for g, w in zip(grads, params, strict=True)]
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      norms = jnp.stack([jnp.linalg.norm(w) for w in params])
+      dead = jnp.any(jnp.stack([jnp.all(g == 0) for g in grads]))
+      return (params, state), (norms, value,
+                               jnp.max(jnp.abs(jnp.stack(cos))), dead)
+
+    _, out = jax.lax.scan(step, (params, tx.init(params)), batches)
+    return out
+
+  return jax.jit(jax.vmap(train_one, in_axes=(0, None, None)))
+
+
+def batches_for(key, n, steps, batch_size):
+  per_epoch = n // batch_size
+  epochs = -(-steps // per_epoch)
+  keys = jax.random.split(key, epochs)
+  perms = [jax.random.permutation(k, n)[: per_epoch * batch_size] for k in keys]
+  return jnp.concatenate(perms).reshape(-1, batch_size)[:steps]
+
+
+def run(etas, steps, depth, width, batch_size, seed):
+  x, y = _common.load_digits()
+  params = _common.init_mlp(jax.random.key(seed),
+                            _common.mlp_sizes(depth, width))
+  batches = batches_for(jax.random.key(seed + 1), x.shape[0], steps,
+                        batch_size)
+  norms0 = np.array([float(jnp.linalg.norm(w)) for w in params])
+  results = {}
+  for rule in tqdm(('lars', 'fromage'), desc=NAME, unit='optimizer'):
+    train = make_train(rule, x, y, steps, batch_size)
+    norms, losses, cos, dead = train(jnp.asarray(etas, jnp.float32), params, batches)
+    for i, eta in enumerate(etas):
+      rel = np.asarray(norms[i]) / norms0  # [steps, layers]
+      results[(rule, eta)] = dict(
+          rel=rel, loss=np.asarray(losses[i]),
+          # Over the steps whose gradients are finite and non-zero.
+          max_cos=float(np.max(np.where(np.isfinite(cos[i]), cos[i], 0))),
+          zero_grad_steps=int(np.sum(dead[i])))
+  return results
+
+
+def prediction(eta, t):
+  return (1 + eta**2) ** (np.asarray(t) / 2)
+
+
+def first_nonfinite(rel):
+  bad = ~np.isfinite(rel).all(axis=1)
+  return int(np.argmax(bad)) + 1 if bad.any() else None
+
+
+def plot(results, etas, path=None):
+  import matplotlib as mpl
+
+  fig, axes = _common.figure(2, width=5.2, height=4.0)
+  ax_n, ax_l = axes[0]
+  colors = mpl.colormaps['tab10'](np.arange(len(etas)))
+  for c, eta in zip(colors, etas, strict=True):
+    for rule, style in (('lars', '-'), ('fromage', '--')):
+      r = results[(rule, eta)]
+      t = np.arange(1, len(r['loss']) + 1)
+      with np.errstate(all='ignore'):
+        geo = np.exp(np.log(r['rel']).mean(axis=1))
+      ax_n.plot(t, geo, style, color=c, lw=1.8,
+                label=f'{"LARS" if rule == "lars" else "Fromage"} $\\eta$={eta:g}')
+      # Mean over windows of ~1% of the run: the minibatch loss is noisy.
+      w = max(1, len(t) // 100)
+      m = len(t) // w * w
+      ax_l.plot(t[:m].reshape(-1, w).mean(1), r['loss'][:m].reshape(-1, w).mean(1),
+                style, color=c, lw=1.2,
+                label=f'{"LARS" if rule == "lars" else "Fromage"} $\\eta$={eta:g}')
+    t = np.arange(1, len(results[('lars', eta)]['loss']) + 1)
+    pred = prediction(eta, t)
+    ax_n.plot(t[pred < 3e38], pred[pred < 3e38], ':', color='k', lw=1)
+  ax_n.plot([], [], ':', color='k', label=r'$(1+\eta^2)^{t/2}$')
+  ax_n.set_yscale('log')
+  ax_n.set_xlabel('step t')
+  ax_n.set_ylabel(r'$\|W_t\|_F / \|W_0\|_F$ (geometric mean over layers)')
+  ax_n.set_title('weight norm, scale-invariant layers')
+  ax_n.legend(fontsize=7)
+  ax_l.set_yscale('log')
+  ax_l.set_xlabel('step t')
+  ax_l.set_ylabel('minibatch training loss (window mean)')
+  ax_l.set_title('training loss')
+  fig.suptitle('Figure 2 on digits: LARS (no prefactor) vs Fromage')
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=110)
+  return fig
+
+
+def summary(results, etas, steps) -> str:
+  lines = [
+      f'| rule | eta | norm ratio at step {steps} (min / max over layers) '
+      f'| (1+eta^2)^(t/2) | first non-finite step | final loss '
+      f'| max abs cos(g, W) | steps with a zero layer gradient |',
+      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for rule in ('lars', 'fromage'):
+    for eta in etas:
+      r = results[(rule, eta)]
+      last = r['rel'][-1]
+      bad = first_nonfinite(r['rel'])
+      lines.append(
+          f'| {"LARS" if rule == "lars" else "Fromage"} | {eta:g} '
+          f'| {np.min(last):.6g} / {np.max(last):.6g} '
+          f'| {prediction(eta, steps):.6g} | {bad or "none"} '
+          f'| {r["loss"][-1]:.4g} | {r["max_cos"]:.2g} '
+          f'| {r["zero_grad_steps"]} |')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  _common.add_common_args(parser)
+  args = parser.parse_args(argv)
+  cfg = dict(QUICK if args.quick else FULL)
+  start = time.perf_counter()
+  results = run(**cfg)
+  wall = time.perf_counter() - start
+  os.makedirs(args.out, exist_ok=True)
+  png = os.path.join(args.out, f'{NAME}.png')
+  plot(results, cfg['etas'], png)
+  settings = (
+      f'Mode: {"quick" if args.quick else "full"}. Bias-free ReLU MLP, '
+      f'{cfg["depth"]} layers, width {cfg["width"]}; each layer uses '
+      f'`sqrt(2 d_out) W / ||W||_F`, so the loss is invariant to each '
+      f'`||W_l||` and its gradient is orthogonal to `W_l`. He-normal init '
+      f'(seed {cfg["seed"]}); all 1,797 digits (standardised), batch '
+      f'{cfg["batch_size"]}, {cfg["steps"]} steps, shuffles from key '
+      f'{cfg["seed"] + 1}; the same init and batches for every run. LARS = '
+      f'`optax.chain(fromage_jax.scale_by_frobenius_ratio(), '
+      f'optax.scale_by_learning_rate(eta))`; Fromage = '
+      f'`fromage_jax.fromage(eta)`; eta in {list(cfg["etas"])}, constant. '
+      f'The runs over eta are vmapped; float32. In exact arithmetic LARS and '
+      f'Fromage give the same network function at every step here (each '
+      f'layer differs only by a positive scale, which the network ignores, '
+      f'and both steps are relative to `||W||`), so their losses differ '
+      f'only through float rounding, which the training dynamics amplify '
+      f'over some tens of steps.\n\n'
+      f'Machine: {_common.machine()}. Wall time: {wall:.1f} s.')
+  body = f'{settings}\n\n{summary(results, cfg["etas"], cfg["steps"])}\n'
+  md = _common.write_markdown(args.out, NAME, 'Figure 2: compounding growth '
+                              'of scale-invariant layers (digits)', body)
+  if args.json:
+    _common.write_json(args.json, dict(
+        config=cfg, wall=wall,
+        runs={f'{rule}/{eta:g}': dict(
+            eta=eta, final_norm_ratio=r['rel'][-1],
+            prediction=prediction(eta, cfg['steps']),
+            first_nonfinite_step=first_nonfinite(r['rel']),
+            first_loss=r['loss'][0], last_loss=r['loss'][-1],
+            max_cos=r['max_cos'], zero_grad_steps=r['zero_grad_steps'])
+              for (rule, eta), r in results.items()}))
+  print(f'{body}\nwrote {png} and {md}')
+  return dict(results=results, config=cfg, wall=wall, png=png, md=md)
+
+
+if __name__ == '__main__':
+  main()

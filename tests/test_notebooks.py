@@ -1,0 +1,77 @@
+"""The notebooks in `notebooks/` execute top to bottom without errors.
+
+They run in a fresh kernel with nbclient (in the notebooks' folder, as a user
+would run them); the stored copies are not modified. The kernel shares
+tests/test_paper.py's persistent XLA compilation cache (same folder), so `paper_figures.ipynb`
+(which runs the quick modes of `benchmarks/paper/`) reuses its compiles.
+"""
+
+import os
+import pathlib
+import tempfile
+
+from nbclient import NotebookClient
+import nbformat
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / 'notebooks'
+CACHE_DIR = os.path.join(tempfile.gettempdir(), 'fromage_jax_paper_xla_cache')
+
+
+def execute(name: str, monkeypatch) -> nbformat.NotebookNode:
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+  client = NotebookClient(
+      nb, timeout=240, kernel_name='python3',
+      resources={'metadata': {'path': str(NOTEBOOKS)}},
+  )
+  client.execute()  # raises CellExecutionError on the first failing cell
+  return nb
+
+
+def outputs(nb, output_type=None):
+  for cell in nb.cells:
+    if cell.cell_type == 'code':
+      for out in cell.get('outputs', []):
+        if output_type is None or out.output_type == output_type:
+          yield out
+
+
+def text(nb) -> str:
+  return ''.join(o.get('text', '') for o in outputs(nb, 'stream'))
+
+
+@pytest.mark.parametrize('name', ['quickstart.ipynb', 'paper_figures.ipynb'])
+def test_stored_notebook_has_outputs(name):
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  assert code and all(c.get('execution_count') for c in code), name
+  assert not list(outputs(nb, 'error'))
+  assert any('image/png' in o.get('data', {}) for o in outputs(nb))
+
+
+def test_quickstart_executes(monkeypatch):
+  nb = execute('quickstart.ipynb', monkeypatch)
+  assert not list(outputs(nb, 'error'))
+  out = text(nb)
+  assert 'relative step of each weight matrix' in out
+  assert 'deep relative trust travelled' in out
+  images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
+  assert len(images) == 1
+
+
+def test_paper_figures_executes(monkeypatch):
+  nb = execute('paper_figures.ipynb', monkeypatch)
+  assert not list(outputs(nb, 'error'))
+  images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
+  assert len(images) == 3
+  out = text(nb)
+  for needle in ('depth 16', 'prediction for LARS', 'best lr'):
+    assert needle in out
+
+
+def test_notebooks_folder_holds_the_two_notebooks():
+  names = {p.name for p in pathlib.Path(NOTEBOOKS).glob('*.ipynb')}
+  assert {'quickstart.ipynb', 'paper_figures.ipynb'} <= names
