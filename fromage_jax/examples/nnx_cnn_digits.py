@@ -13,14 +13,14 @@ import time
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 import fromage_jax
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import minibatches
+from fromage_jax.examples._nnx import accuracy
+from fromage_jax.examples._nnx import train_step
 
 
 class CNN(nnx.Module):
@@ -38,23 +38,6 @@ class CNN(nnx.Module):
     x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
     return self.out(x)
-
-
-def loss_fn(model, x, y):
-  logits = model(x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def accuracy(model, x, y):
-  return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
 def train(epochs: int, batch_size: int, learning_rate: float, seed: int,

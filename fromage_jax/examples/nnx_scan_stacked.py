@@ -21,7 +21,6 @@ import time
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -29,6 +28,9 @@ from tqdm.auto import tqdm
 import fromage_jax
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import minibatches
+from fromage_jax.examples._nnx import accuracy
+from fromage_jax.examples._nnx import loss_fn
+from fromage_jax.examples._nnx import train_step
 
 
 class Block(nnx.Module):
@@ -72,23 +74,6 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
   return fromage_jax.fromage(
       learning_rate, layer_axes=fromage_jax.stacked_layer_axes('blocks')
   )
-
-
-def loss_fn(model, x, y):
-  logits = model(x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def accuracy(model, x, y):
-  return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
 @nnx.jit
