@@ -13,6 +13,8 @@ import optax
 import pytest
 
 import fromage_jax
+from tests.tree_asserts import assert_close
+from tests.tree_asserts import tree_dist
 
 # --------------------------------------------------------------------------
 # helpers
@@ -86,23 +88,6 @@ MATS = ('w1', 'w2')
 VECS = ('b1', 'b2')
 
 
-def assert_close(actual, expected, rtol=2e-5, atol=2e-6):
-  chex.assert_trees_all_equal_structs(
-      jax.tree.map(np.asarray, actual), jax.tree.map(np.asarray, expected)
-  )
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(
-          np.asarray(a, np.float64), np.asarray(e, np.float64),
-          rtol=rtol, atol=atol,
-      ),
-      actual, expected,
-  )
-
-
-def tree_norm_diff(a, b):
-  return float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
-
-
 # --------------------------------------------------------------------------
 # chain
 # --------------------------------------------------------------------------
@@ -150,7 +135,7 @@ def test_chain_elementwise_clip_changes_direction_and_fromage_follows():
   new = apply(params, u)
   clipped = jax.tree.map(lambda g: jnp.clip(g, -0.3, 0.3), grads)
   assert_close(new, np_fromage_tree(params, clipped, 0.1))
-  assert tree_norm_diff(new, np_fromage_tree(params, grads, 0.1)) > 1e-3
+  assert tree_dist(new, np_fromage_tree(params, grads, 0.1)) > 1e-3
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +243,7 @@ def test_multisteps_updates_every_k_with_mean_gradient(k):
       mean = jax.tree.map(lambda *gs: sum(gs) / len(gs), *acc)
       expected = np_fromage_tree(p, mean, eta)
       assert_close(new, expected, rtol=1e-4, atol=1e-5)
-      assert tree_norm_diff(new, p) > 1e-3
+      assert tree_dist(new, p) > 1e-3
       n_real += 1
       acc = []
     p = new
@@ -398,7 +383,7 @@ def test_inject_hyperparams_changing_learning_rate_changes_step_and_prefactor(
     )
     p = apply(p, u)
     assert_close(p, expected)
-    assert tree_norm_diff(p, stale) > 1e-2
+    assert tree_dist(p, stale) > 1e-2
 
 
 def test_inject_hyperparams_changing_p_bound_changes_the_clip():
@@ -517,7 +502,7 @@ def test_train_step_under_lax_cond(make_tx, dtype):
       ref_p, ref_s = jax.jit(train_step)(p, s)
       assert_close(new_p, ref_p, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6,
                    atol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
-      assert tree_norm_diff(
+      assert tree_dist(
           jax.tree.map(lambda x: x.astype(jnp.float32), new_p),
           jax.tree.map(lambda x: x.astype(jnp.float32), p),
       ) > 0

@@ -14,6 +14,7 @@ from optax import contrib
 import pytest
 
 import fromage_jax
+from tests.tree_asserts import assert_close
 
 
 def np_fromage(w, g, eta, w0=None, p_bound=None):
@@ -76,23 +77,6 @@ def random_grads(params, seed):
 
 
 apply = jax.jit(optax.apply_updates)
-
-
-def assert_close(actual, expected, rtol=2e-5, atol=2e-6):
-  chex.assert_trees_all_equal_structs(
-      jax.tree.map(np.asarray, actual), jax.tree.map(np.asarray, expected)
-  )
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(
-          np.asarray(a, np.float64), np.asarray(e, np.float64),
-          rtol=rtol, atol=atol,
-      ),
-      actual, expected,
-  )
-
-
-def tree_dist(a, b):
-  return float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
 
 
 # --------------------------------------------------------------------------
