@@ -158,3 +158,10 @@ def descent_learning_rate_bound(depth, cos_theta=1.0):
   return (1.0 + np.asarray(cos_theta, np.float64)) ** (
       1.0 / np.asarray(depth, np.float64)
   ) - 1.0
+
+
+def fromage_layer(w, g, eta, *, w0=None, p_bound=None):
+  """`fromage_step` for a single layer `w` (initial params `w0`): returns W'."""
+  init_norms = None if p_bound is None else layer_norms({'l': w0})
+  return fromage_step({'l': w}, {'l': g}, eta, p_bound=p_bound,
+                      init_norms=init_norms)['l']

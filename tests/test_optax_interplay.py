@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import fromage_jax
+from tests.reference import fromage_layer as np_fromage
 from tests.tree_asserts import assert_close
 from tests.tree_asserts import tree_dist
 
@@ -21,26 +22,12 @@ from tests.tree_asserts import tree_dist
 # --------------------------------------------------------------------------
 
 
-def np_fromage(w, g, eta, w0=None, p_bound=None):
-  """SPEC.md steps 1-4 for one layer, in float64 numpy. Returns W'."""
-  w = np.asarray(w, np.float64)
-  g = np.asarray(g, np.float64)
-  nw, ng = np.linalg.norm(w), np.linalg.norm(g)
-  r = nw / ng if (nw > 0 and ng > 0) else 1.0
-  new = (w - eta * r * g) / np.sqrt(1.0 + eta**2)
-  if p_bound is not None:
-    n0 = np.linalg.norm(np.asarray(w0, np.float64))
-    nn = np.linalg.norm(new)
-    if n0 > 0 and nn > p_bound * n0:
-      new = new * p_bound * n0 / nn
-  return new
-
-
 def np_fromage_tree(params, grads, eta, init=None, p_bound=None):
   if init is None:
     return jax.tree.map(lambda w, g: np_fromage(w, g, eta), params, grads)
   return jax.tree.map(
-      lambda w, g, w0: np_fromage(w, g, eta, w0, p_bound), params, grads, init
+      lambda w, g, w0: np_fromage(w, g, eta, w0=w0, p_bound=p_bound),
+      params, grads, init,
   )
 
 
