@@ -369,6 +369,31 @@ def test_fromage_is_exactly_the_chain():
     )
 
 
+@pytest.mark.parametrize('p_bound', [None, 1.05])
+def test_layers_either_side_of_the_fused_reduction_threshold(p_bound):
+  # fromage() sums small layers in one variadic reduction and large ones
+  # (4096 elements and up) separately; both paths, with and without stacking.
+  rng = np.random.default_rng(19)
+  stack = _rand(rng, (3, 64, 64))
+  stack[1] = 0
+  params = {
+      'dense': {'small': _rand(rng, (63, 65)), 'large': _rand(rng, (64, 64)),
+                'b': np.zeros(5000, np.float32),
+                'substack': _rand(rng, (3, 40, 40))},
+      'frozen': _rand(rng, (4100,)),
+      'stack': stack,
+  }
+  layer_axes = {'dense': {'small': None, 'large': None, 'b': None,
+                          'substack': (0,)},
+                'frozen': None, 'stack': (0,)}
+  clipped = run_against_reference(
+      fromage_jax.fromage(0.1, p_bound=p_bound, layer_axes=layer_axes),
+      params, lambda t: 0.1, p_bound=p_bound, layer_axes=layer_axes,
+      pull=2.0, steps=10,
+  )
+  assert (clipped > 0) == (p_bound is not None)
+
+
 def test_relative_step_is_about_eta():
   # The paper's equation 6: ||W' - W|| / ||W|| = eta + O(eta**2).
   params = make_params(np.random.default_rng(17))

@@ -11,12 +11,18 @@ follows from the three sums:
 `||W - a g||**2 = ||W||**2 - 2 a <W, g> + a**2 ||g||**2`.
 The chain would instead materialise `W'` to take its norm: a second pass over
 both arrays and a temporary as large as the layer.
+
+Per layer XLA:CPU then runs three kernels, as many as for `optax.adam`: the
+sums, the scalar arithmetic and the update (four or five for large layers,
+whose sums are separate, faster reductions). See `layers.layer_sums` and
+`_coefficients`.
 """
 
 from typing import Any
 from typing import NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -30,6 +36,26 @@ class FromageState(NamedTuple):
   # With p_bound: like params, each leaf its layers' norms at init (float32, or
   # float64 for float64 leaves; size 1 on non-layer axes). Else None.
   init_norms: Any
+
+
+# Jitted so that it is traced once per shape and dtype, not once per leaf.
+@jax.jit
+def _coefficients(w_sq, g_sq, w_g, w0_norm, eta_t, shrink, p_bound):
+  """`[s - 1, s a]` of each layer: the update is `(s - 1) W - s a g`."""
+  # Zero-norm rule on the squared norms: a ratio of 1 when either is 0.
+  ok = jnp.logical_and(w_sq > 0, g_sq > 0)
+  a = eta_t * (jnp.sqrt(jnp.where(ok, w_sq, 1)) / jnp.sqrt(
+      jnp.where(ok, g_sq, 1)))
+  if w0_norm is not None:
+    new_sq = w_sq - 2 * a * w_g + jnp.square(a) * g_sq
+    new_norm = shrink * jnp.sqrt(jnp.maximum(new_sq, 0))
+    bound = p_bound * w0_norm
+    clip = jnp.logical_and(w0_norm > 0, new_norm > bound)
+    shrink = shrink * jnp.where(clip, bound / jnp.where(clip, new_norm, 1), 1)
+  shrink = jnp.broadcast_to(shrink, a.shape)
+  # One array behind a barrier: XLA then computes all of it in one small
+  # kernel, instead of splitting it between kernels of its own and the update.
+  return lax.optimization_barrier(jnp.stack([shrink - 1, shrink * a]))
 
 
 def fused_fromage(
@@ -72,28 +98,22 @@ def fused_fromage(
     def eta_and_shrink(real):
       if real not in scalars:
         eta_t = jnp.asarray(eta, real)
-        scalars[real] = eta_t, jax.lax.rsqrt(1 + jnp.square(eta_t))
+        scalars[real] = eta_t, lax.rsqrt(1 + jnp.square(eta_t))
       return scalars[real]
 
     def step(g, w, w0_norm, ax, an):
-      eta_t, shrink = eta_and_shrink(layers.norm_dtype(w.dtype))
-      w_sq = layers.sq_norms(w, ax, an)
-      g_norm = jnp.sqrt(layers.sq_norms(g, ax, an))
-      a = eta_t * layers.safe_ratio(jnp.sqrt(w_sq), g_norm)
+      sums = layers.layer_sums(w, g, ax, an, with_inner=w0_norm is not None)
       if w0_norm is not None:
-        new_sq = w_sq - 2 * a * layers.inner(w, g, ax, an) + jnp.square(
-            a * g_norm
-        )
-        new_norm = shrink * jnp.sqrt(jnp.maximum(new_sq, 0))
-        bound = p_bound * w0_norm
-        clip = jnp.logical_and(w0_norm > 0, new_norm > bound)
-        shrink = shrink * jnp.where(
-            clip, bound / jnp.where(clip, new_norm, 1), 1
-        )
+        w0_norm = w0_norm.reshape(sums[0].shape)
+      c = _coefficients(
+          *sums[:2], sums[2] if w0_norm is not None else None, w0_norm,
+          *eta_and_shrink(layers.norm_dtype(w.dtype)), p_bound,
+      )
+      # Per-layer coefficients, broadcast against the leaf.
+      shape = tuple(d if a in ax else 1 for a, d in enumerate(w.shape))
       dtype = layers.compute_dtype(w.dtype)
-      wc, gc = w.astype(dtype), g.astype(dtype)
-      # W' - W = (s - 1) W - s a g, with W' = s (W - a g).
-      return ((shrink - 1) * wc - (shrink * a) * gc).astype(w.dtype)
+      return (c[0].reshape(shape) * w.astype(dtype)
+              - c[1].reshape(shape) * g.astype(dtype)).astype(w.dtype)
 
     new_updates = jax.tree.map(
         step, updates, params, init_norms, axes, names,

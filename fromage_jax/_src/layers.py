@@ -10,6 +10,7 @@ layers, one slice of it along its `layer_axes`. Norms are Frobenius norms over
 one layer's elements, accumulated in float32 at least.
 """
 
+import math
 from typing import Any
 
 import chex
@@ -120,6 +121,19 @@ def compute_dtype(dtype) -> jnp.dtype:
   return norm_dtype(dtype)
 
 
+def _real_product(x, y) -> jax.Array:
+  """Elementwise `Re(x * conj(y))` in the compute dtype."""
+  xc = x.astype(compute_dtype(x.dtype))
+  yc = y.astype(compute_dtype(y.dtype))
+  if jnp.iscomplexobj(xc) or jnp.iscomplexobj(yc):
+    return xc.real * yc.real + xc.imag * yc.imag
+  return xc * yc
+
+
+def _reduced_axes(x, axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(a for a in range(jnp.ndim(x)) if a not in axes)
+
+
 def inner(x, y, axes: tuple[int, ...], axis_name=None) -> jax.Array:
   """Real inner product `Re <x, y>` of each layer of two same-shaped leaves.
 
@@ -134,17 +148,41 @@ def inner(x, y, axes: tuple[int, ...], axis_name=None) -> jax.Array:
     An array in `norm_dtype(x.dtype)`, of `x`'s rank, with size 1 on every
     axis that is not a layer axis (so it broadcasts against `x`).
   """
-  reduce = tuple(a for a in range(jnp.ndim(x)) if a not in axes)
-  xc = x.astype(compute_dtype(x.dtype))
-  yc = y.astype(compute_dtype(y.dtype))
-  if jnp.iscomplexobj(xc) or jnp.iscomplexobj(yc):
-    prod = xc.real * yc.real + xc.imag * yc.imag
-  else:
-    prod = xc * yc
-  out = jnp.sum(prod, axis=reduce, keepdims=True)
+  out = jnp.sum(_real_product(x, y), axis=_reduced_axes(x, axes),
+                keepdims=True)
   if axis_name is not None:
     out = lax.psum(out, axis_name)
   return out
+
+
+# Layers with fewer elements get one variadic reduction for all their sums:
+# XLA:CPU emits it as one kernel, where a plain sum this small becomes three.
+# From this size up, XLA:CPU's plain sums are vectorised library kernels, much
+# faster than a variadic reduction, so each sum is its own kernel.
+_VARIADIC_BELOW = 4096
+
+
+def layer_sums(w, g, axes: tuple[int, ...], axis_name=None, *,
+               with_inner: bool = False) -> tuple[jax.Array, ...]:
+  """`||w||**2`, `||g||**2` and, with `with_inner`, `Re <w, g>` per layer.
+
+  The same sums as `sq_norms` and `inner`, computed together (see
+  `_VARIADIC_BELOW`) and returned with the layer axes only (scalars when the
+  leaf is one layer), in `norm_dtype(w.dtype)`.
+  """
+  prods = (_real_product(w, w), _real_product(g, g))
+  if with_inner:
+    prods += (_real_product(w, g),)
+  reduce = _reduced_axes(w, axes)
+  if math.prod(jnp.shape(w)[a] for a in reduce) < _VARIADIC_BELOW:
+    zero = jnp.zeros((), prods[0].dtype)
+    sums = tuple(lax.reduce(prods, (zero,) * len(prods),
+                            lambda x, y: tuple(map(lax.add, x, y)), reduce))
+  else:
+    sums = tuple(jnp.sum(p, axis=reduce) for p in prods)
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name)
+  return sums
 
 
 def sq_norms(x, axes: tuple[int, ...], axis_name=None) -> jax.Array:
