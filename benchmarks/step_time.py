@@ -206,69 +206,18 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
 # model, Fromage against Adam.
 
 
-def stdlib_bytes(n: int) -> np.ndarray:
-  """`n` bytes of text from the Python standard library's own sources."""
-  import glob
-  import sysconfig
-
-  data = b''
-  for path in sorted(glob.glob(os.path.join(sysconfig.get_path('stdlib'),
-                                            '*.py'))):
-    with open(path, 'rb') as f:
-      data += f.read()
-    if len(data) >= n:
-      break
-  return np.frombuffer(data[:n], dtype=np.uint8)
-
-
-def transformer_lm(depth: int, width: int, seq: int):
-  """A byte-level pre-norm transformer LM in Flax NNX; returns the model."""
-  from flax import nnx
-
-  class Block(nnx.Module):
-
-    def __init__(self, rngs):
-      self.ln1 = nnx.LayerNorm(width, rngs=rngs)
-      self.attn = nnx.MultiHeadAttention(
-          num_heads=max(1, width // 64), in_features=width, decode=False,
-          rngs=rngs)
-      self.ln2 = nnx.LayerNorm(width, rngs=rngs)
-      self.fc = nnx.Linear(width, 4 * width, rngs=rngs)
-      self.out = nnx.Linear(4 * width, width, rngs=rngs)
-
-    def __call__(self, x, mask):
-      x = x + self.attn(self.ln1(x), mask=mask)
-      return x + self.out(jax.nn.gelu(self.fc(self.ln2(x))))
-
-  class LM(nnx.Module):
-
-    def __init__(self, rngs):
-      self.embed = nnx.Embed(256, width, rngs=rngs)
-      self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                    (seq, width)))
-      self.blocks = nnx.List([Block(rngs) for _ in range(depth)])
-      self.ln = nnx.LayerNorm(width, rngs=rngs)
-      self.head = nnx.Linear(width, 256, rngs=rngs)
-
-    def __call__(self, tokens):
-      x = self.embed(tokens) + self.pos[: tokens.shape[1]]
-      mask = nnx.make_causal_mask(tokens)
-      for block in self.blocks:
-        x = block(x, mask)
-      return self.head(self.ln(x))
-
-  return LM(nnx.Rngs(0))
-
-
 def bench_lm(rounds: int, depth: int = 6, width: int = 256, seq: int = 64,
              batch: int = 8, progress=None) -> dict:
   """Median time of a jitted, donated train step of the LM, per optimizer."""
   from flax import nnx
 
-  model = transformer_lm(depth, width, seq)
-  graphdef, params = nnx.split(model, nnx.Param)
-  text = jnp.asarray(stdlib_bytes(batch * (seq + 1)).astype(np.int32))
-  tokens = text.reshape(batch, seq + 1)
+  from benchmarks.paper import tasks
+
+  model = tasks.TransformerLM(depth, width, max(1, width // 64), seq,
+                              nnx.Rngs(0))
+  graphdef, params = tasks.split_params(model)
+  tokens = jnp.asarray(tasks.stdlib_text(batch * (seq + 1))).reshape(
+      batch, seq + 1)
 
   def loss_fn(params, tokens):
     logits = nnx.merge(graphdef, params)(tokens[:, :-1])

@@ -225,10 +225,7 @@ def test_quick_table_quotes_the_measured_numbers(quick):
 @pytest.mark.parametrize('name', list(tasks.TASKS))
 def test_large_configuration_traces(name):
   """The accelerator configuration builds and traces (no training here)."""
-  kwargs = dict(sensitivity.LARGE['tasks'][name])
-  kwargs.pop('epochs')
-  patience = kwargs.pop('patience')
-  task = tasks.TASKS[name](**kwargs)
+  task, _, patience = sensitivity.build(sensitivity.LARGE, name)
   init, epoch, _ = sensitivity.make_sweep(task, 'Fromage', patience)
   lrs = jnp.asarray([0.01, 0.1])
   params = jax.tree.map(lambda a: a[None], task.init(0))

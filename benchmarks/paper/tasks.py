@@ -75,9 +75,9 @@ class Task:
 
 
 def split_params(model: nnx.Module):
-  """`(graphdef, params)`; the models here hold nothing but `nnx.Param`s."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params
+  """`(graphdef, params)`; fails if the model holds anything but `nnx.Param`s
+  (no batch statistics or RNG state: the tasks are pure functions)."""
+  return nnx.split(model, nnx.Param)
 
 
 def _minibatch_indices(rng, epochs, n, batch_size):
