@@ -6,6 +6,7 @@ wiring of each optimizer, the quick mode end to end (in a subprocess, as in
 tests/test_paper.py), and that the large (accelerator) configuration traces.
 """
 
+import json
 import re
 
 import jax
@@ -134,7 +135,12 @@ def test_at_most_three_decays(name):
 def quick(tmp_path_factory):
   out = tmp_path_factory.mktemp('sensitivity')
   data = run_quick('sensitivity', out, md_name='table1')
+  data['summary'] = sensitivity.summarise(data['runs'])
   return data, (out / 'table1.md').read_text()
+
+
+def best_lr(data, task, name, key='train'):
+  return data['summary']['tasks'][task][name][key]['best_lr']
 
 
 def test_quick_sweep_covers_every_task_optimizer_lr_and_seed(quick):
@@ -158,34 +164,36 @@ def test_quick_sweep_covers_every_task_optimizer_lr_and_seed(quick):
                                            *shape)
 
 
-def test_quick_summary_is_recomputed_from_the_raw_figures(quick):
+@pytest.mark.parametrize('key', ['train', 'test'])
+def test_quick_summary_follows_from_the_raw_figures(quick, key):
   data, _ = quick
   for task, by_opt in data['runs'].items():
     for name, r in by_opt.items():
-      s = data['summary']['tasks'][task][name]
-      train = np.asarray(r['train'], np.float64)
-      mean = np.where(np.isfinite(train), train, np.inf).mean(axis=1)
+      s = data['summary']['tasks'][task][name][key]
+      figures = np.asarray(r[key], np.float64)
+      mean = np.where(np.isfinite(figures), figures, np.inf).mean(axis=1)
       i = int(np.argmin(mean))
       assert s['best_lr'] == r['lrs'][i]
       np.testing.assert_allclose(
-          s['ratio_train'], np.where(np.isfinite(mean), mean[i] / mean, 0))
-      assert s['ratio_train'][i] == 1.0
-  for name, a in data['summary']['across'].items():
-    worst = np.min([data['summary']['tasks'][t][name]['ratio_train']
+          s['ratio'], np.where(np.isfinite(mean), mean[i] / mean, 0))
+      assert s['ratio'][i] == 1.0
+  for name, a in data['summary']['across'][key].items():
+    worst = np.min([data['summary']['tasks'][t][name][key]['ratio']
                     for t in data['runs']], axis=0)
     np.testing.assert_allclose(a['worst_ratio'], worst)
     assert a['best_single_worst'] == pytest.approx(worst.max())
+    assert a['best_single_lr'] == a['lrs'][int(np.argmax(worst))]
 
 
 def test_quick_training_makes_progress(quick):
   data, _ = quick
   for task in ('classifier', 'lm', 'autoencoder'):
     for name, r in data['runs'][task].items():
-      i = r['lrs'].index(data['summary']['tasks'][task][name]['best_lr'])
+      i = r['lrs'].index(best_lr(data, task, name))
       curve = np.asarray(r['curves']['model'])[:, i]  # [epoch, seed]
       assert np.all(curve[-1] < 0.9 * curve[0]), (task, name)
   for name, r in data['runs']['classifier'].items():
-    i = r['lrs'].index(data['summary']['tasks']['classifier'][name]['best_lr'])
+    i = r['lrs'].index(best_lr(data, 'classifier', name))
     assert np.all(np.asarray(r['test_error'])[i] < 0.5), name  # chance: 0.9
   for name, r in data['runs']['gan'].items():
     fid = np.asarray(r['train'], np.float64)
@@ -209,17 +217,29 @@ def test_quick_plateau_decays_are_powers_of_ten(quick):
 
 def test_quick_table_quotes_the_measured_numbers(quick):
   data, md = quick
-  assert '## Findings' in md and '## One learning rate for every task' in md
+  assert '## Findings' in md
+  assert '## One learning rate for every task: training figures' in md
+  assert '## One learning rate for every task: held-out figures' in md
   assert re.search(r'Total wall time: \d+ s', md)
   for task, by_opt in data['runs'].items():
     for name, r in by_opt.items():
-      best = data['summary']['tasks'][task][name]['best_lr']
+      best = best_lr(data, task, name)
       i = r['lrs'].index(best)
       train = sensitivity.mean_std(np.asarray(r['train'], np.float64)[i])
       row = f'| {task} ({data["metrics"][task]}) | {name} | {best:g} | {train}'
       assert row in md, row
       if name == 'Fromage' and best != 0.01:
         assert f'| {task} ({data["metrics"][task]}) | Fromage at 0.01 |' in md
+
+
+def test_render_from_json_gives_the_same_table(quick, tmp_path):
+  data, md = quick
+  runs_only = {k: v for k, v in data.items() if k != 'summary'}
+  json_path = tmp_path / 'run.json'
+  json_path.write_text(json.dumps(runs_only))
+  sensitivity.main(['--render', str(json_path), '--out', str(tmp_path)])
+  assert (tmp_path / 'table1.md').read_text() == md
+  assert (tmp_path / 'sensitivity.png').stat().st_size > 10_000
 
 
 @pytest.mark.parametrize('name', list(tasks.TASKS))

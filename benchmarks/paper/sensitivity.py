@@ -25,6 +25,7 @@ and `table1.md` (each optimizer at its best learning rate, Fromage also at
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -166,17 +167,19 @@ def make_sweep(task: tasks_lib.Task, name: str, patience: int):
   init = jax.jit(grid(init_one, (0, None, None), (None, 0, None)))
   epoch = jax.jit(grid(epoch_one, (0, 0, None, None), (None, 0, 0, None)),
                   donate_argnums=1)
-  evaluate = jax.jit(grid(lambda p, data: task.evaluate(p, data),
-                          (0, None), (0, None)))
+  evaluate = jax.jit(grid(task.evaluate, (0, None), (0, None)))
   return init, epoch, evaluate
+
+
+def _is_plateau(x) -> bool:
+  return isinstance(x, contrib.ReduceLROnPlateauState)
 
 
 def lr_scales(states, groups) -> dict:
   """Each group's plateau scale (1, 0.1, 0.01, ...), `[lr, seed]`."""
   def scale(state):
-    is_plateau = lambda x: isinstance(x, contrib.ReduceLROnPlateauState)  # noqa: E731
-    (plateau,) = [s for s in jax.tree.leaves(state, is_leaf=is_plateau)
-                  if is_plateau(s)]
+    (plateau,) = [s for s in jax.tree.leaves(state, is_leaf=_is_plateau)
+                  if _is_plateau(s)]
     return np.asarray(plateau.scale)
 
   return {g: scale(states[g]) for g in groups}
@@ -261,57 +264,60 @@ def mean_std(values) -> str:
   return f'{values.mean():.4g} ± {std:.2g}'
 
 
+SPLITS = {'train': 'training', 'test': 'held-out'}
+
+
 def summarise(results: dict) -> dict:
-  """Per task and optimizer: best learning rate and the figure-4 ratios;
-  across tasks, each optimizer's best single learning rate."""
-  summary = {}
-  for task, by_opt in results.items():
-    summary[task] = {}
-    for name, r in by_opt.items():
-      i = best_index(r['train'])
-      summary[task][name] = dict(
-          best_lr=r['lrs'][i], ratio_train=ratios(r['train']),
-          ratio_test=ratios(r['test']), best_test_lr=r['lrs'][
-              best_index(r['test'])])
-  # One learning rate for all tasks: the one whose worst ratio is highest.
-  across = {}
+  """Per task, optimizer and split: the best learning rate and figure 4's
+  ratios; per optimizer and split, the best single learning rate for all
+  tasks (the one whose worst ratio over the tasks is highest)."""
+  tasks = {
+      task: {name: {key: dict(best_lr=r['lrs'][best_index(r[key])],
+                              ratio=ratios(r[key]))
+                    for key in SPLITS}
+             for name, r in by_opt.items()}
+      for task, by_opt in results.items()}
+  across = {key: {} for key in SPLITS}
   for name in OPTIMIZERS:
-    grids = [by_opt[name]['lrs'] for by_opt in results.values()
-             if name in by_opt]
-    if not grids:
+    runs = [by_opt[name] for by_opt in results.values() if name in by_opt]
+    if not runs:
       continue
-    lrs = grids[0]
-    worst = np.min([summary[t][name]['ratio_train'] for t in results], axis=0)
-    i = int(np.argmax(worst))
-    across[name] = dict(lrs=lrs, worst_ratio=worst, best_single_lr=lrs[i],
-                        best_single_worst=float(worst[i]))
-  return dict(tasks=summary, across=across)
+    for key in SPLITS:
+      worst = np.min([tasks[t][name][key]['ratio'] for t in results], axis=0)
+      i = int(np.argmax(worst))
+      across[key][name] = dict(lrs=runs[0]['lrs'], worst_ratio=worst,
+                               best_single_lr=runs[0]['lrs'][i],
+                               best_single_worst=float(worst[i]))
+  return dict(tasks=tasks, across=across)
 
 
 def findings(results: dict, summary: dict) -> list[str]:
   """Plain sentences on the claim, from the numbers."""
   lines = []
-  fr = {t: s['Fromage'] for t, s in summary['tasks'].items()
-        if 'Fromage' in s}
-  if fr:
+  for key, where in SPLITS.items():
+    fr = {t: s['Fromage'][key] for t, s in summary['tasks'].items()
+          if 'Fromage' in s}
+    if not fr:
+      continue
     at_default = [t for t, s in fr.items() if s['best_lr'] == FROMAGE_DEFAULT]
-    lines.append(
-        f'Fromage\'s best learning rate (training figure) was '
-        f'{FROMAGE_DEFAULT:g} on {len(at_default)} of {len(fr)} tasks ('
-        + ', '.join(f'{t}: {s["best_lr"]:g}' for t, s in fr.items()) + ').')
-    if FROMAGE_DEFAULT in results[next(iter(fr))]['Fromage']['lrs']:
-      k = results[next(iter(fr))]['Fromage']['lrs'].index(FROMAGE_DEFAULT)
+    line = (f'{where.capitalize()} figures: Fromage\'s best learning rate was '
+            f'{FROMAGE_DEFAULT:g} on {len(at_default)} of {len(fr)} tasks ('
+            + ', '.join(f'{t}: {s["best_lr"]:g}' for t, s in fr.items()) + ')')
+    lrs = results[next(iter(fr))]['Fromage']['lrs']
+    if FROMAGE_DEFAULT in lrs:
+      k = lrs.index(FROMAGE_DEFAULT)
+      line += (f'; at {FROMAGE_DEFAULT:g} it reached this fraction of its '
+               'best: ' + ', '.join(f'{t} {s["ratio"][k]:.2f}'
+                                    for t, s in fr.items()))
+    lines.append(line + '.')
+    for name, a in summary['across'][key].items():
+      per_task = ', '.join(f'{t} {s[name][key]["best_lr"]:g}'
+                           for t, s in summary['tasks'].items())
       lines.append(
-          f'At {FROMAGE_DEFAULT:g}, Fromage reached this fraction of its best '
-          f'training figure: ' + ', '.join(
-              f'{t} {s["ratio_train"][k]:.2f}' for t, s in fr.items()) + '.')
-  for name, a in summary['across'].items():
-    per_task = ', '.join(f'{t}: {s[name]["best_lr"]:g}'
-                         for t, s in summary['tasks'].items())
-    lines.append(
-        f'{name}: best learning rate per task {per_task}; the best single '
-        f'learning rate for all tasks, {a["best_single_lr"]:g}, reaches at '
-        f'worst {a["best_single_worst"]:.2f} of the per-task best.')
+          f'{where.capitalize()} figures, {name}: best learning rate per task '
+          f'{per_task}; the best single one for all tasks, '
+          f'{a["best_single_lr"]:g}, reaches at worst '
+          f'{a["best_single_worst"]:.2f} of the per-task best.')
   return lines
 
 
@@ -319,23 +325,21 @@ def findings(results: dict, summary: dict) -> list[str]:
 # Output.
 
 
-def plot(results: dict, summary: dict, path=None):
+def plot(results: dict, summary: dict, metrics: dict, path=None):
   names = list(results)
   fig, axes = _common.figure(len(names), 2, width=3.6, height=3.2)
   markers = dict(zip(OPTIMIZERS, 'osd', strict=True))
   for col, task in enumerate(names):
-    for row, split in enumerate(('train', 'test')):
+    for row, split in enumerate(SPLITS):
       ax = axes[row][col]
       for name, r in results[task].items():
-        ax.plot(r['lrs'], summary['tasks'][task][name][f'ratio_{split}'],
+        ax.plot(r['lrs'], summary['tasks'][task][name][split]['ratio'],
                 marker=markers[name], label=name)
       ax.axvline(FROMAGE_DEFAULT, color='0.6', ls=':', lw=1, zorder=0)
       ax.set_xscale('log')
       ax.set_ylim(-0.03, 1.05)
       ax.set_xlabel('learning rate')
-      metric = results[task]['Fromage'].get('metric', '')
-      where = 'training' if split == 'train' else 'held-out'
-      ax.set_title(f'{task}: {where} {metric}', fontsize=9)
+      ax.set_title(f'{task}: {SPLITS[split]} {metrics[task]}', fontsize=9)
       if col == 0:
         ax.set_ylabel('best error / error')
   axes[0][0].legend(fontsize=8)
@@ -345,6 +349,13 @@ def plot(results: dict, summary: dict, path=None):
   if path:
     fig.savefig(path, dpi=110)
   return fig
+
+
+def _decays(r, i) -> float:
+  """Mean number of divisions by 10 at learning rate `i` (over seeds and
+  parameter groups)."""
+  return float(np.mean([-np.log10(np.asarray(s)[i]) for s in
+                        r['scales'].values()]))
 
 
 def table(results: dict, summary: dict, metrics: dict) -> str:
@@ -358,97 +369,71 @@ def table(results: dict, summary: dict, metrics: dict) -> str:
   ]
   for task, by_opt in results.items():
     for name, r in by_opt.items():
-      best = summary['tasks'][task][name]['best_lr']
+      best = summary['tasks'][task][name]['train']['best_lr']
       rows = [(best, f'{name}')]
       if name == 'Fromage' and best != FROMAGE_DEFAULT and (
           FROMAGE_DEFAULT in r['lrs']):
         rows.append((FROMAGE_DEFAULT, 'Fromage at 0.01'))
       for lr, label in rows:
         i = r['lrs'].index(lr)
-        extra = ''
-        if 'test_error' in r:
-          extra = (f' (error {mean_std(100 * r["train_error"][i])}% / '
-                   f'{mean_std(100 * r["test_error"][i])}%)')
-        decays = np.mean([-np.log10(np.maximum(s[i], 1e-30))
-                          for s in r['scales'].values()])
-        lines.append(
-            f'| {task} ({metrics[task]}) | {label} | {lr:g} '
-            f'| {mean_std(r["train"][i])}{extra} | {mean_std(r["test"][i])} '
-            f'| {decays:.1f} |')
-  lines += [
-      '', '## One learning rate for every task', '',
-      'Figure 4\'s ratio, best training figure over the grid divided by the '
-      'figure at that learning rate (1.00 = best for that task, 0 = '
-      'diverged); "worst" is the lowest over the tasks.', '',
-  ]
+        figures = [mean_std(r[key][i]) for key in SPLITS]
+        if 'train_error' in r:
+          figures = [f'{f} (error {mean_std(100 * np.asarray(r[k])[i])}%)'
+                     for f, k in zip(figures, ('train_error', 'test_error'),
+                                     strict=True)]
+        lines.append(f'| {task} ({metrics[task]}) | {label} | {lr:g} | '
+                     + ' | '.join(figures) + f' | {_decays(r, i):.1f} |')
   tasks = list(results)
-  lines += ['| optimizer | lr | ' + ' | '.join(tasks) + ' | worst |',
-            '| --- | ---: |' + ' ---: |' * (len(tasks) + 1)]
-  for name, a in summary['across'].items():
-    for k, lr in enumerate(a['lrs']):
-      cells = [f'{summary["tasks"][t][name]["ratio_train"][k]:.2f}'
-               for t in tasks]
-      worst = f'{a["worst_ratio"][k]:.2f}'
-      if lr == a['best_single_lr']:
-        worst = f'**{worst}**'
-      lines.append(f'| {name} | {lr:g} | ' + ' | '.join(cells)
-                   + f' | {worst} |')
+  for key, where in SPLITS.items():
+    lines += [
+        '', f'## One learning rate for every task: {where} figures', '',
+        'Figure 4\'s ratio: the best mean figure over the grid divided by the '
+        'mean figure at that learning rate (1.00 = best for that task, 0 = '
+        'diverged); "worst" is the lowest over the tasks, in bold for the '
+        'best single learning rate.', '',
+        '| optimizer | lr | ' + ' | '.join(tasks) + ' | worst |',
+        '| --- | ---: |' + ' ---: |' * (len(tasks) + 1)]
+    for name, a in summary['across'][key].items():
+      for k, lr in enumerate(a['lrs']):
+        cells = [f'{summary["tasks"][t][name][key]["ratio"][k]:.2f}'
+                 for t in tasks]
+        worst = f'{a["worst_ratio"][k]:.2f}'
+        if lr == a['best_single_lr']:
+          worst = f'**{worst}**'
+        lines.append(f'| {name} | {lr:g} | ' + ' | '.join(cells)
+                     + f' | {worst} |')
   lines += ['', '## Every learning rate', '',
             'Mean ± std over seeds; "decays": mean number of divisions by 10 '
-            'on plateau.', '']
+            'on plateau; wall: that optimizer\'s whole grid, compile '
+            'included.', '']
   for task, by_opt in results.items():
     lines += [f'### {task} ({metrics[task]})', '',
               '| optimizer | lr | training | held-out | decays | wall (s) |',
               '| --- | ---: | ---: | ---: | ---: | ---: |']
     for name, r in by_opt.items():
       for i, lr in enumerate(r['lrs']):
-        decays = np.mean([-np.log10(np.maximum(s[i], 1e-30))
-                          for s in r['scales'].values()])
         wall = f'{r["wall"]:.0f}' if i == 0 else ''
         lines.append(f'| {name} | {lr:g} | {mean_std(r["train"][i])} '
-                     f'| {mean_std(r["test"][i])} | {decays:.1f} | {wall} |')
+                     f'| {mean_std(r["test"][i])} | {_decays(r, i):.1f} '
+                     f'| {wall} |')
     lines.append('')
   return '\n'.join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser)
-  parser.add_argument('--large', action='store_true',
-                      help='larger models, longer runs, half-decade grids '
-                      '(for an accelerator)')
-  parser.add_argument('--tasks', nargs='*', default=None,
-                      help=f'a subset of {list(tasks_lib.TASKS)}')
-  args = parser.parse_args(argv)
-  cfg = QUICK if args.quick else LARGE if args.large else FULL
-  mode = 'quick' if args.quick else 'large' if args.large else 'full'
-  names = args.tasks or list(cfg['tasks'])
-  start = time.perf_counter()
-  total = len(cfg['grids']) * sum(cfg['tasks'][t]['epochs'] for t in names)
-  bar = tqdm(total=total, desc=NAME, unit='epoch')
-  results, metrics, settings = {}, {}, {}
-  for t in names:
-    task, epochs, patience = build(cfg, t)
-    results[t] = run_task(task, epochs, cfg['seeds'], cfg['grids'], patience,
-                          bar)
-    for r in results[t].values():
-      r['metric'] = task.metric
-    metrics[t] = task.metric
-    settings[t] = (f'{task.title}: {task.settings}; {epochs} epochs of '
-                   f'{task.steps_per_epoch} steps, patience {patience} '
-                   'epochs')
-  bar.close()
-  wall = time.perf_counter() - start
+def render(data: dict, out: str) -> tuple[str, str]:
+  """Writes `sensitivity.png` and `table1.md` into `out` from a run's data
+  (`run`'s result, or its JSON); returns their paths."""
+  results, metrics, cfg = data['runs'], data['metrics'], data['config']
   summary = summarise(results)
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, f'{NAME}.png')
-  plot(results, summary, png)
+  os.makedirs(out, exist_ok=True)
+  png = os.path.join(out, f'{NAME}.png')
+  plot(results, summary, metrics, png)
   grids = '; '.join(f'{n} {", ".join(f"{lr:g}" for lr in g)}'
                     for n, g in cfg['grids'].items())
   body = '\n'.join([
       f'![{NAME}]({NAME}.png)', '',
-      f'Mode: {mode}. Seeds {list(cfg["seeds"])} (each seed fixes the init '
-      'and the data order, the same for every optimizer and learning '
+      f'Mode: {data["mode"]}. Seeds {list(cfg["seeds"])} (each seed fixes the '
+      'init and the data order, the same for every optimizer and learning '
       'rate). Learning rates: ' + grids + '. Fromage = '
       '`fromage_jax.fromage_on_plateau(lr)`, SGD = `optax.sgd(lr, '
       'momentum=0.9)` and Adam = `optax.adam(lr)`, each chained with '
@@ -457,24 +442,68 @@ def main(argv=None):
       'not improved by a relative 1e-4 for `patience` epochs, at most three '
       'times. Figures are measured after the last epoch on the whole '
       'training split and on the held-out split.', '',
-      *[f'- {s}' for s in settings.values()], '',
-      f'Machine: {_common.machine()}. Total wall time: {wall:.0f} s '
-      f'({wall / 60:.1f} min).', '',
+      *[f'- {s}' for s in data['settings'].values()], '',
+      f'Machine: {data["machine"]}. Total wall time: {data["wall"]:.0f} s '
+      f'({data["wall"] / 60:.1f} min).', '',
       '## Findings', '',
       *[f'- {line}' for line in findings(results, summary)], '',
       table(results, summary, metrics),
   ])
-  md = os.path.join(args.out, f'{TABLE}.md')
+  md = os.path.join(out, f'{TABLE}.md')
   with open(md, 'w') as f:
     f.write('# Table 1 and Figure 4: one learning rate across tasks\n\n'
             + body.strip() + '\n')
-  if args.json:
-    _common.write_json(args.json, dict(
-        config=cfg, mode=mode, wall=wall, metrics=metrics,
-        runs=results, summary=summary))
-  print(f'{body}\nwrote {png} and {md}')
-  return dict(results=results, summary=summary, config=cfg, wall=wall,
-              png=png, md=md)
+  return png, md
+
+
+def run(cfg: dict, mode: str, names=None) -> dict:
+  """Trains every task of `cfg` (or `names`); returns the data `render`
+  takes."""
+  names = names or list(cfg['tasks'])
+  start = time.perf_counter()
+  total = len(cfg['grids']) * sum(cfg['tasks'][t]['epochs'] for t in names)
+  bar = tqdm(total=total, desc=NAME, unit='epoch')
+  runs, metrics, settings = {}, {}, {}
+  for t in names:
+    task, epochs, patience = build(cfg, t)
+    runs[t] = run_task(task, epochs, cfg['seeds'], cfg['grids'], patience,
+                       bar)
+    metrics[t] = task.metric
+    settings[t] = (f'{task.title}: {task.settings}; {epochs} epochs of '
+                   f'{task.steps_per_epoch} steps, patience {patience} '
+                   'epochs')
+  bar.close()
+  return dict(config=cfg, mode=mode, runs=runs, metrics=metrics,
+              settings=settings, machine=_common.machine(),
+              wall=time.perf_counter() - start)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  _common.add_common_args(parser)
+  parser.add_argument('--large', action='store_true',
+                      help='larger models, longer runs, more seeds (for an '
+                      'accelerator)')
+  parser.add_argument('--tasks', nargs='*', default=None,
+                      help=f'a subset of {list(tasks_lib.TASKS)}')
+  parser.add_argument('--render', metavar='JSON', default=None,
+                      help='no training: redraw the figure and table from '
+                      'the --json file of an earlier run')
+  args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      data = json.load(f)
+  else:
+    mode = 'quick' if args.quick else 'large' if args.large else 'full'
+    cfg = dict(quick=QUICK, large=LARGE, full=FULL)[mode]
+    data = run(cfg, mode, args.tasks)
+    if args.json:
+      _common.write_json(args.json, data)
+  png, md = render(data, args.out)
+  with open(md) as f:
+    print(f.read())
+  print(f'wrote {png} and {md}')
+  return dict(data=data, png=png, md=md)
 
 
 if __name__ == '__main__':
