@@ -88,6 +88,13 @@ def _minibatch_indices(rng, epochs, n, batch_size):
   ]).astype(np.int32)
 
 
+def _shuffled_epochs(n: int, batch_size: int) -> dict:
+  """A task's `steps_per_epoch` and `batches` for epochs over `n` examples."""
+  return dict(steps_per_epoch=n // batch_size,
+              batches=lambda rng, epochs: _minibatch_indices(rng, epochs, n,
+                                                             batch_size))
+
+
 # --------------------------------------------------------------------------
 # Models.
 
@@ -244,10 +251,7 @@ def classifier(*, width: int = 16,
       name='classifier', title='CNN classifier (digits)',
       metric='cross-entropy', groups=('model',), init=init,
       data=dict(x_tr=x_tr, y_tr=y_tr, x_te=x_te, y_te=y_te),
-      steps_per_epoch=n // batch_size,
-      batches=lambda rng, epochs: _minibatch_indices(rng, epochs, n,
-                                                     batch_size),
-      loss=loss, evaluate=evaluate,
+      **_shuffled_epochs(n, batch_size), loss=loss, evaluate=evaluate,
       settings=(f'conv 3x3 x{width} -> conv 3x3 stride 2 x{2 * width} -> '
                 f'linear, ReLU; {n} training / {x_te.shape[0]} held-out '
                 f'digits, pixels in [0, 1], batch {batch_size}'),
@@ -280,9 +284,7 @@ def autoencoder(*, width: int = 128, code: int = 16,
   return Task(
       name='autoencoder', title='MLP autoencoder (digits)',
       metric='squared error', groups=('model',), init=init,
-      data=dict(x_tr=x_tr, x_te=x_te), steps_per_epoch=n // batch_size,
-      batches=lambda rng, epochs: _minibatch_indices(rng, epochs, n,
-                                                     batch_size),
+      data=dict(x_tr=x_tr, x_te=x_te), **_shuffled_epochs(n, batch_size),
       loss=loss, evaluate=evaluate,
       settings=(f'MLP {"-".join(map(str, sizes))}, ReLU, sigmoid output; '
                 f'mean squared error on pixels in [0, 1]; {n} training / '
