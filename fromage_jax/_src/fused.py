@@ -42,10 +42,7 @@ class FromageState(NamedTuple):
 @jax.jit
 def _coefficients(w_sq, g_sq, w_g, w0_norm, eta_t, shrink, p_bound):
   """`[s - 1, s a]` of each layer: the update is `(s - 1) W - s a g`."""
-  # Zero-norm rule on the squared norms: a ratio of 1 when either is 0.
-  ok = jnp.logical_and(w_sq > 0, g_sq > 0)
-  a = eta_t * (jnp.sqrt(jnp.where(ok, w_sq, 1)) / jnp.sqrt(
-      jnp.where(ok, g_sq, 1)))
+  a = eta_t * layers.safe_ratio(jnp.sqrt(w_sq), jnp.sqrt(g_sq))
   if w0_norm is not None:
     new_sq = w_sq - 2 * a * w_g + jnp.square(a) * g_sq
     new_norm = shrink * jnp.sqrt(jnp.maximum(new_sq, 0))
