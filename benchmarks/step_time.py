@@ -12,6 +12,7 @@ round by round; the median over the timed rounds is reported.
 import argparse
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -126,7 +127,8 @@ def materialise(shapes, seed: int):
 # Optimizers.
 
 
-def optimizers() -> dict:
+def optimizers(extra: dict | None = None) -> dict:
+  """The optimizers timed on every tree, then `extra` ones."""
   return {
       'optax.sgd': optax.sgd(0.01),
       'optax.adam': optax.adam(1e-3),
@@ -134,22 +136,34 @@ def optimizers() -> dict:
       'optax.fromage': optax.fromage(0.01),
       'fromage_jax.fromage': fromage_jax.fromage(0.01),
       'fromage_jax.fromage(p_bound)': fromage_jax.fromage(0.01, p_bound=2.0),
-  }
+  } | (extra or {})
 
 
 def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_step(tx, params, state, grads):
-  """The jitted, donated step; returns (compiled, seconds to compile)."""
+def compile_step(tx, params, state, grads, loop: int = 0):
+  """The jitted, donated step; returns (compiled, seconds to compile).
+
+  With `loop`, one call makes `loop` steps in a `fori_loop`, so that a timing
+  sees the device's work without the host's dispatch of every step. Each step
+  scales the gradients by its own factor near 1, which fuses into their reads,
+  so that XLA cannot hoist their norms out of the loop.
+  """
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  def steps(params, state, grads):
+    def body(i, carry):
+      scale = 1 + 1e-7 * i.astype(jnp.float32)
+      return step(*carry, jax.tree.map(lambda g: g * scale, grads))
+    return jax.lax.fori_loop(0, loop, body, (params, state))
+
   start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(steps if loop else step, donate_argnums=(0, 1)).lower(
       params, state, grads).compile()
   return compiled, time.perf_counter() - start
 
@@ -163,17 +177,28 @@ def peak_bytes(compiled) -> int:
              - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
-def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
-  """Times every optimizer on one tree, interleaved; returns rows by name."""
+def kernel_count(compiled) -> int:
+  """Kernels XLA launches for one step: its fusions and library calls."""
+  return len(re.findall(r' (?:fusion|custom-call)\(', compiled.as_text()))
+
+
+def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
+               loop: int = 0, extra: dict | None = None) -> dict:
+  """Times every optimizer on one tree, interleaved; returns rows by name.
+
+  `loop` as in `compile_step` (the time is divided by it, and compile time,
+  kernels and peak memory are those of the loop); `extra` adds optimizers to
+  `optimizers()`.
+  """
   params0, grads = materialise(shapes, seed=0)
   runs = {}
-  for name, tx in optimizers().items():
+  for name, tx in optimizers(extra).items():
     state = tx.init(params0)
-    compiled, compile_s = compile_step(tx, params0, state, grads)
+    compiled, compile_s = compile_step(tx, params0, state, grads, loop)
     runs[name] = dict(
         step=compiled, params=jax.tree.map(jnp.copy, params0), state=state,
         times=[], compile_s=compile_s, state_bytes=tree_bytes(state),
-        peak_bytes=peak_bytes(compiled),
+        peak_bytes=peak_bytes(compiled), kernels=kernel_count(compiled),
     )
     if progress:
       progress.update()
@@ -184,7 +209,7 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
                                                 grads)
       jax.block_until_ready(run['params'])
       if r >= warmup:
-        run['times'].append(time.perf_counter() - start)
+        run['times'].append((time.perf_counter() - start) / max(loop, 1))
     if progress:
       progress.update()
   n_layers = len(jax.tree.leaves(params0))
@@ -195,6 +220,7 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
           state_bytes=run['state_bytes'],
           state_bytes_per_layer=run['state_bytes'] / n_layers,
           peak_bytes=run['peak_bytes'],
+          kernels=run['kernels'],
       )
       for name, run in runs.items()
   } | {'_tree': dict(params=sum(x.size for x in jax.tree.leaves(params0)),
@@ -207,8 +233,11 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None) -> dict:
 
 
 def bench_lm(rounds: int, depth: int = 6, width: int = 256, seq: int = 64,
-             batch: int = 8, progress=None) -> dict:
-  """Median time of a jitted, donated train step of the LM, per optimizer."""
+             batch: int = 8, progress=None, loop: int = 0) -> dict:
+  """Median time of a jitted, donated train step of the LM, per optimizer.
+
+  `loop` as in `compile_step`: that many steps in one call.
+  """
   from flax import nnx
 
   from benchmarks.paper import tasks
@@ -233,6 +262,12 @@ def bench_lm(rounds: int, depth: int = 6, width: int = 256, seq: int = 64,
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state, loss
 
+    if loop:
+      def step(params, state, tokens, one=step):
+        return jax.lax.fori_loop(
+            0, loop, lambda _, c: one(*c[:2], tokens),
+            (params, state, jnp.zeros((), jnp.float32)))
+
     p = jax.tree.map(jnp.copy, params)
     runs[name] = dict(step=jax.jit(step, donate_argnums=(0, 1)), params=p,
                       state=tx.init(p), times=[], losses=[])
@@ -243,7 +278,7 @@ def bench_lm(rounds: int, depth: int = 6, width: int = 256, seq: int = 64,
                                                       run['state'], tokens)
       run['losses'].append(float(loss))
       if r >= 2:
-        run['times'].append(time.perf_counter() - start)
+        run['times'].append((time.perf_counter() - start) / max(loop, 1))
     if progress:
       progress.update()
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -270,14 +305,19 @@ def machine() -> str:
   return f'{dev.platform.upper()}: {dev.device_kind}'
 
 
-def markdown(results: dict, rounds: int, wall_s: float) -> str:
+def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
+             kernels: bool = False) -> str:
+  """The results as Markdown; `kernels` adds a column of kernel counts."""
+  per_round = (f'rounds of {loop} steps in one call (a `fori_loop`; per-step '
+               'time, compile time and kernels are the loop\'s)' if loop
+               else 'rounds')
   lines = [
       '# Optimizer step time: fromage_jax against optax',
       '',
       f'Machine: {machine()}; jax {jax.__version__}, optax {optax.__version__}.'
-      f' Median of {rounds} interleaved rounds after 2 warm-up steps; a step '
-      'is `update` + `optax.apply_updates`, jitted with donated params and '
-      'state. Peak memory is XLA\'s buffer assignment for one step '
+      f' Median of {rounds} interleaved {per_round} after 2 warm-up ones; a '
+      'step is `update` + `optax.apply_updates`, jitted with donated params '
+      'and state. Peak memory is XLA\'s buffer assignment for one step '
       '(arguments + outputs - aliased + temporaries). '
       f'Whole run: {wall_s:.0f} s.',
   ]
@@ -291,8 +331,10 @@ def markdown(results: dict, rounds: int, wall_s: float) -> str:
         '',
         *([NOTES[tree], ''] if tree in NOTES else []),
         '| optimizer | step (ms) | x SGD | x optax.fromage | compile (s) '
-        '| state (bytes) | state / layer (bytes) | peak (MB) | peak x SGD |',
-        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+        '| state (bytes) | state / layer (bytes) | peak (MB) | peak x SGD |'
+        + (' kernels |' if kernels else ''),
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
+        + (' ---: |' if kernels else ''),
     ]
     for name, r in rows.items():
       if name.startswith('_'):
@@ -304,6 +346,7 @@ def markdown(results: dict, rounds: int, wall_s: float) -> str:
           f'| {r["state_bytes"]:,} | {r["state_bytes_per_layer"]:.1f} '
           f'| {r["peak_bytes"] / 1e6:.1f} '
           f'| {r["peak_bytes"] / sgd["peak_bytes"]:.3f} |'
+          + (f' {r["kernels"]} |' if kernels else '')
       )
   return '\n'.join(lines) + '\n'
 

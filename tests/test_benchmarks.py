@@ -42,3 +42,28 @@ def test_step_time_benchmark_quick(tmp_path):
   row = next(ln for ln in md.splitlines()
              if ln.startswith('| `fromage_jax.fromage(p_bound)` |'))
   assert row.split('|')[7].strip() == '4.0'
+
+
+def test_step_loop_makes_every_step():
+  """`compile_step(loop=k)` is k steps, none skipped or hoisted."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from benchmarks import step_time
+  import fromage_jax
+
+  params, grads = step_time.materialise({'w': (8, 16), 'b': (16,)}, seed=0)
+  for tx in (optax.sgd(0.1), fromage_jax.fromage(0.1)):
+    compiled, _ = step_time.compile_step(tx, params, tx.init(params), grads,
+                                         loop=3)
+    got, _ = compiled(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+    want, state = params, tx.init(params)
+    for i in range(3):
+      scaled = jax.tree.map(lambda g, i=i: g * (1 + 1e-7 * i), grads)
+      updates, state = tx.update(scaled, state, want)
+      want = optax.apply_updates(want, updates)
+    for k in params:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
+      assert not np.allclose(want[k], params[k], rtol=1e-3)

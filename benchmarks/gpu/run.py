@@ -83,17 +83,60 @@ def check_against_reference(steps: int = 5) -> list[str]:
   return rows
 
 
-def copy_bandwidth(n_bytes: int, rounds: int) -> float:
-  """Bytes per second of a jitted device-to-device copy (read + write)."""
+def copy_bandwidth(n_bytes: int, rounds: int, loop: int) -> float:
+  """Bytes per second of a device-to-device copy (read + write).
+
+  One call makes `loop` copies in a `fori_loop`, as the steps are timed. Each
+  scales by a loop-varying factor near 1, so that XLA can neither skip nor
+  hoist it: a pass that reads and writes the array, as a copy does.
+  """
+  def copies(x):
+    return jax.lax.fori_loop(
+        0, loop, lambda i, y: y * (1 + 1e-7 * i.astype(y.dtype)), x)
   x = jnp.ones((n_bytes // 4,), jnp.float32)
-  copy = jax.jit(jnp.copy)
-  jax.block_until_ready(copy(x))
+  copy = jax.jit(copies, donate_argnums=0)
+  x = jax.block_until_ready(copy(x))
   times = []
   for _ in range(rounds):
     start = time.perf_counter()
-    jax.block_until_ready(copy(x))
-    times.append(time.perf_counter() - start)
+    x = jax.block_until_ready(copy(x))
+    times.append((time.perf_counter() - start) / loop)
   return 2 * x.nbytes / float(np.median(times))
+
+
+CHAIN = 'chain of the public transforms'
+
+
+def public_chain(learning_rate: float) -> optax.GradientTransformation:
+  """Fromage as the chain of its public transforms, which `fromage()` fuses."""
+  return optax.chain(fromage_jax.scale_by_frobenius_ratio(),
+                     optax.scale_by_learning_rate(learning_rate),
+                     fromage_jax.prefactor_correction(learning_rate))
+
+
+def bandwidth_table(rows: dict, copy_bps: float) -> list[str]:
+  """Achieved bandwidth of the GPT-2-like step, against the copy's."""
+  param_bytes = rows['_tree']['param_bytes']
+  lines = [
+      f'Device-to-device copy of {param_bytes / 1e6:.0f} MB: '
+      f'{copy_bps / 1e9:.1f} GB/s (read + write).',
+      '',
+      '| optimizer | step (ms) | modelled traffic (MB) | achieved GB/s '
+      '| of copy |',
+      '| --- | ---: | ---: | ---: | ---: |',
+  ]
+  # Minimum traffic per step, in passes over the params' bytes.
+  # Adam reads params, gradients and both moments and writes three of them.
+  passes = {'optax.sgd': 3, 'optax.adam': 7, 'fromage_jax.fromage': 5,
+            'fromage_jax.fromage(p_bound)': 5, 'optax.fromage': 5,
+            CHAIN: 5}
+  for name, n in passes.items():
+    r = rows[name]
+    bps = n * param_bytes / r['step_s']
+    lines.append(f'| `{name}` | {r["step_s"] * 1e3:.3f} '
+                 f'| {n * param_bytes / 1e6:.0f} | {bps / 1e9:.1f} '
+                 f'| {bps / copy_bps:.0%} |')
+  return lines
 
 
 def main(argv=None) -> int:
@@ -101,25 +144,20 @@ def main(argv=None) -> int:
   parser.add_argument('--quick', action='store_true',
                       help='small trees and few rounds')
   parser.add_argument('--cpu', action='store_true', help='run on the CPU')
-  parser.add_argument('--out', default=None, help='Markdown results file')
+  parser.add_argument('--out', default=None,
+                      help='Markdown results file, rewritten after each tree')
+  parser.add_argument('--hlo', default=None,
+                      help='directory for the compiled HLO of the GPT-2-like '
+                      'step of each fromage_jax optimizer')
   args = parser.parse_args(argv)
   rounds = 3 if args.quick else 20
   scale = 0.002 if args.quick else 1.0
+  # Steps in one call: the device's time, without the host's dispatch.
+  loop = 2 if args.quick else 10
   start = time.perf_counter()
 
   checks = check_against_reference(steps=2 if args.quick else 5)
-  results = {}
-  # --quick (a test) times the GPT-2-like tree alone: compiling the others
-  # takes minutes on a small CPU.
-  trees = ['GPT-2 small'] if args.quick else list(step_time.TREES)
-  for tree in trees:
-    shapes = step_time.TREES[tree]
-    print(f'timing {tree} ...', flush=True)
-    results[tree] = step_time.bench_tree(shapes(scale), rounds)
-  param_bytes = results['GPT-2 small']['_tree']['param_bytes']
-  copy_bps = copy_bandwidth(param_bytes, rounds)
-
-  lines = [
+  header = [
       '# fromage_jax on an accelerator',
       '',
       f'Device: {step_time.machine()}; jax {jax.__version__}.',
@@ -129,33 +167,58 @@ def main(argv=None) -> int:
       '| case | max relative error | tolerance | |',
       '| --- | ---: | ---: | --- |',
       *checks,
-      '',
-      '## Bandwidth on the GPT-2-small-like tree',
-      '',
-      f'Device-to-device copy of {param_bytes / 1e6:.0f} MB: '
-      f'{copy_bps / 1e9:.1f} GB/s (read + write).',
-      '',
-      '| optimizer | step (ms) | modelled traffic (MB) | achieved GB/s '
-      '| of copy |',
-      '| --- | ---: | ---: | ---: | ---: |',
   ]
-  # Minimum traffic per step, in passes over the params' bytes.
-  passes = {'optax.sgd': 3, 'fromage_jax.fromage': 5,
-            'fromage_jax.fromage(p_bound)': 5, 'optax.fromage': 5}
-  for name, n in passes.items():
-    r = results['GPT-2 small'][name]
-    bps = n * param_bytes / r['step_s']
-    lines.append(f'| `{name}` | {r["step_s"] * 1e3:.2f} '
-                 f'| {n * param_bytes / 1e6:.0f} | {bps / 1e9:.1f} '
-                 f'| {bps / copy_bps:.0%} |')
-  md = '\n'.join(lines) + '\n\n' + step_time.markdown(
-      results, rounds, time.perf_counter() - start)
-  print(md)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(md)
+  # --quick (a test) times the GPT-2-like tree alone: compiling the others
+  # takes minutes on a small CPU.
+  trees = dict(step_time.TREES)
+  if args.quick:
+    trees = {'GPT-2 small': trees['GPT-2 small']}
+  extra = {CHAIN: public_chain(0.01)}
+  results, copy_bps, lm = {}, None, None
+
+  def write():
+    md = '\n'.join(header)
+    if copy_bps is not None:
+      md += '\n\n## Bandwidth on the GPT-2-small-like tree\n\n' + '\n'.join(
+          bandwidth_table(results['GPT-2 small'], copy_bps))
+    md += '\n\n' + step_time.markdown(
+        results, rounds, time.perf_counter() - start, loop=loop,
+        kernels=True)
+    if lm is not None:
+      md += step_time.markdown_lm(lm)
+    if args.out:
+      os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+      with open(args.out, 'w') as f:
+        f.write(md)
+    return md
+
+  for i, (tree, shapes) in enumerate(trees.items()):
+    print(f'timing {tree} ...', flush=True)
+    results[tree] = step_time.bench_tree(shapes(scale), rounds, loop=loop,
+                                         extra=extra)
+    if i == 0:
+      copy_bps = copy_bandwidth(results[tree]['_tree']['param_bytes'],
+                                rounds, loop)
+      if args.hlo:
+        dump_hlo(shapes(scale), args.hlo)
+      if not args.quick:
+        print('timing the transformer LM ...', flush=True)
+        lm = step_time.bench_lm(rounds, loop=loop)
+    write()
+  print(write())
   return 0 if all('FAILED' not in row for row in checks) else 1
+
+
+def dump_hlo(shapes, directory: str) -> None:
+  """Writes the optimised HLO of each fromage_jax step, for reading later."""
+  os.makedirs(directory, exist_ok=True)
+  params, grads = step_time.materialise(shapes, seed=0)
+  for name, tx in {'fromage': fromage_jax.fromage(0.01),
+                   'fromage_p_bound': fromage_jax.fromage(0.01, p_bound=2.0),
+                   'sgd': optax.sgd(0.01)}.items():
+    compiled, _ = step_time.compile_step(tx, params, tx.init(params), grads)
+    with open(os.path.join(directory, f'{name}.hlo.txt'), 'w') as f:
+      f.write(compiled.as_text())
 
 
 if __name__ == '__main__':
