@@ -19,8 +19,11 @@ def run_module(*args, timeout=600):
 def test_gpu_script_runs_on_cpu_and_checks_against_reference(tmp_path):
   out = tmp_path / 'gpu.md'
   proc = run_module('benchmarks.gpu.run', '--cpu', '--quick', '--out',
-                    str(out))
+                    str(out), '--hlo', str(tmp_path / 'hlo'), '--profile',
+                    str(tmp_path / 'profile'))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'fusion' in (tmp_path / 'hlo' / 'fromage.hlo.txt').read_text()
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
   md = out.read_text()
   assert 'FAILED' not in md
   assert md.count('| ok |') == 4
