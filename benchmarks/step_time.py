@@ -182,15 +182,25 @@ def kernel_count(compiled) -> int:
   return len(re.findall(r' (?:fusion|custom-call)\(', compiled.as_text()))
 
 
+@jax.jit
+def norms_pass(params, grads):
+  """Every leaf's `||W||**2` and `||g||**2`: the pass Fromage adds to SGD's."""
+  return jax.tree.map(lambda w, g: (jnp.sum(w * w), jnp.sum(g * g)), params,
+                      grads)
+
+
 def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
                loop: int = 0, extra: dict | None = None) -> dict:
   """Times every optimizer on one tree, interleaved; returns rows by name.
 
   `loop` as in `compile_step` (the time is divided by it, and compile time,
   kernels and peak memory are those of the loop); `extra` adds optimizers to
-  `optimizers()`.
+  `optimizers()`. Without `loop`, `norms_pass` is timed in the same rounds
+  (under `_tree`).
   """
   params0, grads = materialise(shapes, seed=0)
+  norms_times = []
+  jax.block_until_ready(norms_pass(params0, grads))
   runs = {}
   for name, tx in optimizers(extra).items():
     state = tx.init(params0)
@@ -210,6 +220,10 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
       jax.block_until_ready(run['params'])
       if r >= warmup:
         run['times'].append((time.perf_counter() - start) / max(loop, 1))
+    if not loop:
+      start = time.perf_counter()
+      jax.block_until_ready(norms_pass(params0, grads))
+      norms_times.append(time.perf_counter() - start)
     if progress:
       progress.update()
   n_layers = len(jax.tree.leaves(params0))
@@ -223,8 +237,10 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
           kernels=run['kernels'],
       )
       for name, run in runs.items()
-  } | {'_tree': dict(params=sum(x.size for x in jax.tree.leaves(params0)),
-                     leaves=n_layers, param_bytes=tree_bytes(params0))}
+  } | {'_tree': dict(
+      params=sum(x.size for x in jax.tree.leaves(params0)), leaves=n_layers,
+      param_bytes=tree_bytes(params0),
+      norms_s=statistics.median(norms_times[warmup:]) if not loop else None)}
 
 
 # --------------------------------------------------------------------------
@@ -348,6 +364,17 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
           f'| {r["peak_bytes"] / sgd["peak_bytes"]:.3f} |'
           + (f' {r["kernels"]} |' if kernels else '')
       )
+    if info['norms_s'] is not None:
+      floor = sgd['step_s'] + info['norms_s']
+      lines += ['', (
+          'A pass of plain `jnp.sum`s that only reads every `W` and `g` for '
+          f'their squared norms takes {info["norms_s"] * 1e3:.2f} ms here, '
+          f'so SGD\'s step plus that pass, {floor * 1e3:.2f} ms '
+          f'({floor / sgd["step_s"]:.2f}x SGD), is what reading them twice '
+          'costs with XLA\'s plain reductions. `fromage_jax.fromage` takes '
+          f'{rows["fromage_jax.fromage"]["step_s"] / floor:.2f}x that, and '
+          'with `p_bound` (a third sum, `<W, g>`) '
+          f'{rows["fromage_jax.fromage(p_bound)"]["step_s"] / floor:.2f}x.')]
   return '\n'.join(lines) + '\n'
 
 

@@ -45,6 +45,8 @@ def test_step_time_benchmark_quick(tmp_path):
   row = next(ln for ln in md.splitlines()
              if ln.startswith('| `fromage_jax.fromage(p_bound)` |'))
   assert row.split('|')[7].strip() == '4.0'
+  # The floor of a two-pass step, from the norms pass timed alongside.
+  assert 'A pass of plain `jnp.sum`s that only reads every `W` and `g`' in md
 
 
 def test_step_loop_makes_every_step():
