@@ -4,15 +4,20 @@
    reference (tests/reference.py) over several steps of random trees: float32,
    bfloat16, zero-initialised and zero-gradient leaves, stacked layers and
    `p_bound`.
-2. Measures a device-to-device copy's bandwidth, then times the same
-   benchmarks as benchmarks/step_time.py and reports Fromage's achieved
-   bandwidth (5 passes over the params' bytes: read W and g for the norms, then
+2. Times the same benchmarks as benchmarks/step_time.py, plus the chain of the
+   public transforms, with ten steps in one call (a `fori_loop`), so that the
+   figures are the device's and not Python's dispatch. On the GPT-2-like tree
+   it also times a copy-like pass and reports each step's achieved bandwidth
+   (Fromage: 5 passes over the params' bytes: read W and g for the norms, then
    read W and g and write W) as a fraction of the copy's.
 
     python -m benchmarks.gpu.run [--quick] [--cpu] [--out PATH]
+        [--trees NAME ...] [--hlo DIR] [--profile DIR]
 
-`--cpu` runs everything on the CPU (a test does, with `--quick`).
-"""
+The Markdown is rewritten after each tree, so a run cut short keeps what it
+measured. `--hlo` and `--profile` save the compiled HLO and a jax.profiler
+trace of the GPT-2-like step. `--cpu` runs everything on the CPU (a test
+does, with `--quick`)."""
 
 import argparse
 import os
