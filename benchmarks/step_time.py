@@ -190,13 +190,16 @@ def norms_pass(params, grads):
 
 
 def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
-               loop: int = 0, extra: dict | None = None) -> dict:
+               loop: int = 0, extra: dict | None = None,
+               compile_repeats: int = 1) -> dict:
   """Times every optimizer on one tree, interleaved; returns rows by name.
 
   `loop` as in `compile_step` (the time is divided by it, and compile time,
   kernels and peak memory are those of the loop); `extra` adds optimizers to
-  `optimizers()`. Without `loop`, `norms_pass` is timed in the same rounds
-  (under `_tree`).
+  `optimizers()`; compile time is the fastest of `compile_repeats` compiles.
+  Without `loop`, `norms_pass` is timed in the same rounds (under `_tree`).
+  Each row keeps its per-round `times`, so that ratios can be taken round by
+  round (see `paired_ratio`).
   """
   params0, grads = materialise(shapes, seed=0)
   norms_times = []
@@ -206,6 +209,9 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
   for name, tx in optimizers(extra).items():
     state = tx.init(params0)
     compiled, compile_s = compile_step(tx, params0, state, grads, loop)
+    for _ in range(compile_repeats - 1):
+      compile_s = min(compile_s, compile_step(tx, params0, state, grads,
+                                              loop)[1])
     runs[name] = dict(
         step=compiled, params=jax.tree.map(jnp.copy, params0), state=state,
         times=[], compile_s=compile_s, state_bytes=tree_bytes(state),
@@ -231,6 +237,7 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
   return {
       name: dict(
           step_s=statistics.median(run['times']),
+          times=run['times'],
           compile_s=run['compile_s'],
           state_bytes=run['state_bytes'],
           state_bytes_per_layer=run['state_bytes'] / n_layers,
@@ -241,7 +248,26 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
   } | {'_tree': dict(
       params=sum(x.size for x in jax.tree.leaves(params0)), leaves=n_layers,
       param_bytes=tree_bytes(params0),
-      norms_s=statistics.median(norms_times[warmup:]) if not loop else None)}
+      norms_s=statistics.median(norms_times[warmup:]) if not loop else None,
+      norms_times=norms_times[warmup:])}
+
+
+def paired_ratio(times, other_times) -> tuple[float, float, float]:
+  """Median and quartiles of `times[i] / other_times[i]` over the rounds.
+
+  Each round runs every optimizer back to back, so the ratio within a round
+  cancels most of a noisy machine's drift between rounds.
+  """
+  ratios = [a / b for a, b in zip(times, other_times, strict=True)]
+  if len(ratios) < 2:
+    return ratios[0], ratios[0], ratios[0]
+  q1, median, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
+  return median, q1, q3
+
+
+def _ratio_text(times, other_times) -> str:
+  median, q1, q3 = paired_ratio(times, other_times)
+  return f'{median:.2f} ({q1:.2f}–{q3:.2f})'
 
 
 # --------------------------------------------------------------------------
@@ -323,7 +349,7 @@ def machine() -> str:
 
 
 def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
-             kernels: bool = False) -> str:
+             kernels: bool = False, compile_repeats: int = 1) -> str:
   """The results as Markdown; `kernels` adds a column of kernel counts."""
   per_round = (f'rounds of {loop} steps in one call (a `fori_loop`; per-step '
                'time, compile time and kernels are the loop\'s)' if loop
@@ -334,48 +360,62 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
       f'Machine: {machine()}; jax {jax.__version__}, optax {optax.__version__}.'
       f' Median of {rounds} interleaved {per_round} after 2 warm-up ones; a '
       'step is `update` + `optax.apply_updates`, jitted with donated params '
-      'and state. Peak memory is XLA\'s buffer assignment for one step '
-      '(arguments + outputs - aliased + temporaries). '
-      f'Whole run: {wall_s:.0f} s.',
+      'and state. Each round times every optimizer back to back, and a '
+      'ratio ("x SGD") is the median of the ratios within the rounds, with '
+      'their interquartile range in brackets: the rounds of this machine '
+      'drift by more than the gaps measured. '
+      + (f'Compile time is the fastest of {compile_repeats} compiles. '
+         if compile_repeats > 1 else '')
+      + 'Peak memory is XLA\'s buffer assignment for one step (arguments + '
+      f'outputs - aliased + temporaries). Whole run: {wall_s:.0f} s.',
   ]
   for tree, rows in results.items():
     info = rows['_tree']
     sgd, ofr = rows['optax.sgd'], rows['optax.fromage']
+    adam = rows['optax.adam']
     lines += [
         '',
         f'## {tree}: {info["params"] / 1e6:.1f}M params, {info["leaves"]} '
         'leaves',
         '',
         *([NOTES[tree], ''] if tree in NOTES else []),
-        '| optimizer | step (ms) | x SGD | x optax.fromage | compile (s) '
-        '| state (bytes) | state / layer (bytes) | peak (MB) | peak x SGD |'
+        '| optimizer | step (ms) | x SGD | x optax.fromage | x optax.adam '
+        '| compile (s) | compile x Adam | state (bytes) '
+        '| state / layer (bytes) | peak (MB) | peak x SGD |'
         + (' kernels |' if kernels else ''),
-        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
-        + (' ---: |' if kernels else ''),
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: '
+        '| ---: |' + (' ---: |' if kernels else ''),
     ]
     for name, r in rows.items():
       if name.startswith('_'):
         continue
       lines.append(
           f'| `{name}` | {r["step_s"] * 1e3:.2f} '
-          f'| {r["step_s"] / sgd["step_s"]:.2f} '
-          f'| {r["step_s"] / ofr["step_s"]:.2f} | {r["compile_s"]:.2f} '
+          f'| {_ratio_text(r["times"], sgd["times"])} '
+          f'| {paired_ratio(r["times"], ofr["times"])[0]:.2f} '
+          f'| {paired_ratio(r["times"], adam["times"])[0]:.2f} '
+          f'| {r["compile_s"]:.2f} | {r["compile_s"] / adam["compile_s"]:.2f} '
           f'| {r["state_bytes"]:,} | {r["state_bytes_per_layer"]:.1f} '
           f'| {r["peak_bytes"] / 1e6:.1f} '
           f'| {r["peak_bytes"] / sgd["peak_bytes"]:.3f} |'
           + (f' {r["kernels"]} |' if kernels else '')
       )
+    fro = rows['fromage_jax.fromage']['times']
+    with_bound = rows['fromage_jax.fromage(p_bound)']['times']
+    lines += ['', (
+        '`fromage_jax.fromage` with `p_bound` takes '
+        f'{_ratio_text(with_bound, fro)}x its time without.')]
     if info['norms_s'] is not None:
-      floor = sgd['step_s'] + info['norms_s']
-      lines += ['', (
-          'A pass of plain `jnp.sum`s that only reads every `W` and `g` for '
+      floor = [a + b for a, b in zip(sgd['times'], info['norms_times'],
+                                     strict=True)]
+      lines[-1] += (
+          ' A pass of plain `jnp.sum`s that only reads every `W` and `g` for '
           f'their squared norms takes {info["norms_s"] * 1e3:.2f} ms here, '
-          f'so SGD\'s step plus that pass, {floor * 1e3:.2f} ms '
-          f'({floor / sgd["step_s"]:.2f}x SGD), is what reading them twice '
-          'costs with XLA\'s plain reductions. `fromage_jax.fromage` takes '
-          f'{rows["fromage_jax.fromage"]["step_s"] / floor:.2f}x that, and '
-          'with `p_bound` (a third sum, `<W, g>`) '
-          f'{rows["fromage_jax.fromage(p_bound)"]["step_s"] / floor:.2f}x.')]
+          'so SGD\'s step plus that pass, '
+          f'{_ratio_text(floor, sgd["times"])}x SGD, is what reading them '
+          'twice costs with XLA\'s plain reductions. `fromage_jax.fromage` '
+          f'takes {_ratio_text(fro, floor)}x that, and with `p_bound` (a '
+          f'third sum, `<W, g>`) {_ratio_text(with_bound, floor)}x.')
   return '\n'.join(lines) + '\n'
 
 
@@ -406,6 +446,9 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=15)
   parser.add_argument('--scale', type=float, default=1.0)
+  parser.add_argument('--compile-repeats', type=int, default=3,
+                      help='compile each step this many times; the fastest '
+                      'is reported')
   parser.add_argument('--trees', nargs='*', default=list(TREES))
   parser.add_argument('--no-lm', action='store_true',
                       help='skip the transformer LM step')
@@ -424,11 +467,13 @@ def main(argv=None) -> dict:
     for tree in args.trees:
       bar.set_postfix_str(tree)
       results[tree] = bench_tree(TREES[tree](args.scale), args.rounds,
-                                 progress=bar)
+                                 progress=bar,
+                                 compile_repeats=args.compile_repeats)
     if not args.no_lm:
       bar.set_postfix_str('transformer LM')
       lm = bench_lm(args.rounds, progress=bar)
-  md = markdown(results, args.rounds, time.perf_counter() - start)
+  md = markdown(results, args.rounds, time.perf_counter() - start,
+                compile_repeats=args.compile_repeats)
   if not args.no_lm:
     md += markdown_lm(lm)
   print(md)

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ def test_gpu_script_runs_on_cpu_and_checks_against_reference(tmp_path):
 def test_step_time_benchmark_quick(tmp_path):
   out = tmp_path / 'step_time.md'
   proc = run_module('benchmarks.step_time', '--scale', '0.001', '--rounds',
-                    '2', '--trees', 'ResNet-50', '--no-lm', '--out', str(out))
+                    '2', '--trees', 'ResNet-50', '--no-lm',
+                    '--compile-repeats', '2', '--out', str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   md = out.read_text()
   for name in ('optax.sgd', 'optax.adam', 'optax.lars', 'optax.fromage',
@@ -44,9 +46,28 @@ def test_step_time_benchmark_quick(tmp_path):
   assert '| `fromage_jax.fromage` |' in md
   row = next(ln for ln in md.splitlines()
              if ln.startswith('| `fromage_jax.fromage(p_bound)` |'))
-  assert row.split('|')[7].strip() == '4.0'
+  cells = [c.strip() for c in row.split('|')]
+  assert cells[9] == '4.0'
+  # Ratios are medians of per-round ratios, with their quartiles.
+  median, q1, q3 = map(float, re.fullmatch(
+      r'(\S+) \((\S+)–(\S+)\)', cells[3]).groups())
+  assert 0 < q1 <= median <= q3
+  sgd = next(ln for ln in md.splitlines() if ln.startswith('| `optax.sgd` |'))
+  assert sgd.split('|')[3].strip() == '1.00 (1.00–1.00)'
+  assert 'Compile time is the fastest of 2 compiles' in md
+  assert '`fromage_jax.fromage` with `p_bound` takes' in md
   # The floor of a two-pass step, from the norms pass timed alongside.
   assert 'A pass of plain `jnp.sum`s that only reads every `W` and `g`' in md
+
+
+def test_paired_ratio_takes_ratios_within_rounds():
+  from benchmarks import step_time
+
+  # The machine slows down 10x between rounds; within each the ratio is 2.
+  median, q1, q3 = step_time.paired_ratio([2, 20, 200, 2000], [1, 10, 100, 1000])
+  assert median == q1 == q3 == 2
+  median, q1, q3 = step_time.paired_ratio([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
+  assert (median, q1, q3) == (3, 2, 4)
 
 
 def test_step_loop_makes_every_step():
