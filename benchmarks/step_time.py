@@ -10,6 +10,7 @@ round by round; the median over the timed rounds is reported.
 """
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -43,6 +44,16 @@ def gpt2_small_shapes(scale: float = 1.0) -> dict:
         'mlp': {'c_fc': {'kernel': (d, 4 * d), 'bias': (4 * d,)},
                 'c_proj': {'kernel': (4 * d, d), 'bias': (d,)}},
     }
+  return shapes
+
+
+def gpt2_scanned_shapes(scale: float = 1.0) -> dict:
+  """GPT-2 small with its 12 blocks stacked on a leading axis, as `nnx.scan`
+  or `nn.scan` makes them: 16 leaves, 148 layers."""
+  shapes = gpt2_small_shapes(scale)
+  blocks = [shapes.pop(f'h{i}') for i in range(12)]
+  shapes['blocks'] = jax.tree.map(lambda s: (len(blocks), *s), blocks[0],
+                                  is_leaf=lambda x: isinstance(x, tuple))
   return shapes
 
 
@@ -90,12 +101,26 @@ def many_small_shapes(scale: float = 1.0, n: int = 2000) -> dict:
 
 TREES = {
     'GPT-2 small': gpt2_small_shapes,
+    'GPT-2 small, scanned blocks': gpt2_scanned_shapes,
     'ResNet-50': resnet50_shapes,
     '500 small leaves': lambda scale=1.0: many_small_shapes(scale, n=500),
 }
 
+# `layer_axes` for fromage_jax on trees whose leaves stack layers.
+LAYER_AXES = {
+    'GPT-2 small, scanned blocks': lambda params: {
+        k: (0,) if k == 'blocks' else None for k in params},
+}
+
 # Shown under a tree's heading in the results.
 NOTES = {
+    'GPT-2 small, scanned blocks': (
+        'The same parameters, with the twelve blocks stacked on a leading '
+        'axis. fromage_jax is given `layer_axes=(0,)` for them, so its norms '
+        'and its update are still those of each block; `optax.fromage` and '
+        '`optax.lars` have no such option and treat each stacked leaf as one '
+        'layer (a different update, timed for reference).'
+    ),
     '500 small leaves': (
         'Not 2,000 leaves: on the 2-core CPU, XLA took over 2.5 minutes to '
         'compile one optimizer\'s step for 2,000 leaves of distinct shapes, '
@@ -127,16 +152,31 @@ def materialise(shapes, seed: int):
 # Optimizers.
 
 
-def optimizers(extra: dict | None = None) -> dict:
+def optimizers(extra: dict | None = None, layer_axes=None) -> dict:
   """The optimizers timed on every tree, then `extra` ones."""
   return {
       'optax.sgd': optax.sgd(0.01),
       'optax.adam': optax.adam(1e-3),
       'optax.lars': optax.lars(0.01),
       'optax.fromage': optax.fromage(0.01),
-      'fromage_jax.fromage': fromage_jax.fromage(0.01),
-      'fromage_jax.fromage(p_bound)': fromage_jax.fromage(0.01, p_bound=2.0),
+      'fromage_jax.fromage': fromage_jax.fromage(0.01, layer_axes=layer_axes),
+      'fromage_jax.fromage(p_bound)': fromage_jax.fromage(
+          0.01, p_bound=2.0, layer_axes=layer_axes),
   } | (extra or {})
+
+
+def count_layers(params, layer_axes=None) -> int:
+  """Layers in `params`: a leaf is one, or as many as its layer axes index."""
+  if callable(layer_axes):
+    layer_axes = layer_axes(params)
+  if layer_axes is None:
+    return len(jax.tree.leaves(params))
+  is_axes = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
+  counts = jax.tree.map(
+      lambda axes, sub: sum(math.prod(x.shape[a] for a in axes or ())
+                            for x in jax.tree.leaves(sub)),
+      layer_axes, params, is_leaf=is_axes)
+  return sum(jax.tree.leaves(counts))
 
 
 def tree_bytes(tree) -> int:
@@ -191,12 +231,13 @@ def norms_pass(params, grads):
 
 def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
                loop: int = 0, extra: dict | None = None,
-               compile_repeats: int = 1) -> dict:
+               compile_repeats: int = 1, layer_axes=None) -> dict:
   """Times every optimizer on one tree, interleaved; returns rows by name.
 
   `loop` as in `compile_step` (the time is divided by it, and compile time,
   kernels and peak memory are those of the loop); `extra` adds optimizers to
-  `optimizers()`; compile time is the fastest of `compile_repeats` compiles.
+  `optimizers()`; compile time is the fastest of `compile_repeats` compiles;
+  `layer_axes` goes to fromage_jax's optimizers.
   Without `loop`, `norms_pass` is timed in the same rounds (under `_tree`).
   Each row keeps its per-round `times`, so that ratios can be taken round by
   round (see `paired_ratio`).
@@ -206,7 +247,7 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
   if not loop:  # compiled and warmed up outside the timed rounds
     jax.block_until_ready(norms_pass(params0, grads))
   runs = {}
-  for name, tx in optimizers(extra).items():
+  for name, tx in optimizers(extra, layer_axes).items():
     state = tx.init(params0)
     compiled, compile_s = compile_step(tx, params0, state, grads, loop)
     for _ in range(compile_repeats - 1):
@@ -233,7 +274,7 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
       norms_times.append(time.perf_counter() - start)
     if progress:
       progress.update()
-  n_layers = len(jax.tree.leaves(params0))
+  n_layers = count_layers(params0, layer_axes)
   return {
       name: dict(
           step_s=statistics.median(run['times']),
@@ -246,7 +287,8 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
       )
       for name, run in runs.items()
   } | {'_tree': dict(
-      params=sum(x.size for x in jax.tree.leaves(params0)), leaves=n_layers,
+      params=sum(x.size for x in jax.tree.leaves(params0)),
+      leaves=len(jax.tree.leaves(params0)), layers=n_layers,
       param_bytes=tree_bytes(params0),
       norms_s=statistics.median(norms_times[warmup:]) if not loop else None,
       norms_times=norms_times[warmup:])}
@@ -376,7 +418,8 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
     lines += [
         '',
         f'## {tree}: {info["params"] / 1e6:.1f}M params, {info["leaves"]} '
-        'leaves',
+        'leaves' + (f' ({info["layers"]} layers)'
+                    if info['layers'] != info['leaves'] else ''),
         '',
         *([NOTES[tree], ''] if tree in NOTES else []),
         '| optimizer | step (ms) | x SGD | x optax.fromage | x optax.adam '
@@ -468,7 +511,8 @@ def main(argv=None) -> dict:
       bar.set_postfix_str(tree)
       results[tree] = bench_tree(TREES[tree](args.scale), args.rounds,
                                  progress=bar,
-                                 compile_repeats=args.compile_repeats)
+                                 compile_repeats=args.compile_repeats,
+                                 layer_axes=LAYER_AXES.get(tree))
     if not args.no_lm:
       bar.set_postfix_str('transformer LM')
       lm = bench_lm(args.rounds, progress=bar)

@@ -30,12 +30,15 @@ def test_gpu_script_runs_on_cpu_and_checks_against_reference(tmp_path):
   assert md.count('| ok |') == 4
   assert 'Device-to-device copy' in md and 'CPU' in md
   assert '`fromage_jax.fromage(p_bound)`' in md
+  assert '## Bandwidth: GPT-2 small, scanned blocks' in md
+  assert '16 leaves (148 layers)' in md
 
 
 def test_step_time_benchmark_quick(tmp_path):
   out = tmp_path / 'step_time.md'
   proc = run_module('benchmarks.step_time', '--scale', '0.001', '--rounds',
-                    '2', '--trees', 'ResNet-50', '--no-lm',
+                    '2', '--trees', 'ResNet-50',
+                    'GPT-2 small, scanned blocks', '--no-lm',
                     '--compile-repeats', '2', '--out', str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   md = out.read_text()
@@ -55,6 +58,12 @@ def test_step_time_benchmark_quick(tmp_path):
   sgd = next(ln for ln in md.splitlines() if ln.startswith('| `optax.sgd` |'))
   assert sgd.split('|')[3].strip() == '1.00 (1.00–1.00)'
   assert 'Compile time is the fastest of 2 compiles' in md
+  # Stacked blocks: state is still one norm per layer (148), not per leaf.
+  scanned = md[md.index('## GPT-2 small, scanned blocks'):]
+  assert '16 leaves (148 layers)' in scanned
+  row = next(ln for ln in scanned.splitlines()
+             if ln.startswith('| `fromage_jax.fromage(p_bound)` |'))
+  assert [c.strip() for c in row.split('|')][8:10] == ['596', '4.0']
   assert '`fromage_jax.fromage` with `p_bound` takes' in md
   # The floor of a two-pass step, from the norms pass timed alongside.
   assert 'A pass of plain `jnp.sum`s that only reads every `W` and `g`' in md
