@@ -1,12 +1,14 @@
 """Optimizer step time, compile time and memory: fromage_jax against optax.
 
 A jitted, buffer-donated step (`update` + `optax.apply_updates`) of each
-optimizer on three parameter trees, all in one process, the runs interleaved
-round by round; the median over the timed rounds is reported.
+optimizer on four parameter trees, all in one process, the runs interleaved
+round by round. Times are medians over the timed rounds; ratios are medians
+of the ratios within each round, with their quartiles.
 
     python -m benchmarks.step_time [--rounds 15] [--scale 1.0] [--out PATH]
+        [--trees NAME ...] [--compile-repeats 3] [--no-lm]
 
-`--scale` shrinks the trees (a test runs `--scale 0.01 --rounds 2`).
+`--scale` shrinks the trees (a test runs `--scale 0.001 --rounds 2`).
 """
 
 import argparse
