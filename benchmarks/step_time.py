@@ -2,8 +2,8 @@
 
 A jitted, buffer-donated step (`update` + `optax.apply_updates`) of each
 optimizer on four parameter trees, all in one process, the runs interleaved
-round by round. Times are medians over the timed rounds; ratios are medians
-of the ratios within each round, with their quartiles.
+round by round in a shuffled order. Times are medians over the timed rounds;
+ratios are medians of the ratios within each round, with their quartiles.
 
     python -m benchmarks.step_time [--rounds 15] [--scale 1.0] [--out PATH]
         [--trees NAME ...] [--compile-repeats 3] [--no-lm]
@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -262,18 +263,24 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
     )
     if progress:
       progress.update()
+  # Each round runs the steps in its own order: on a CPU, a step runs up to a
+  # quarter slower right after a heavy one (optax.fromage, optax.lars), so a
+  # fixed order would favour whichever step follows a light one.
+  order = [*runs, *(() if loop else ('norms pass',))]
   for r in range(warmup + rounds):
-    for run in runs.values():
+    random.Random(r).shuffle(order)
+    for name in order:
       start = time.perf_counter()
+      if name == 'norms pass':
+        jax.block_until_ready(norms_pass(params0, grads))
+        norms_times.append(time.perf_counter() - start)
+        continue
+      run = runs[name]
       run['params'], run['state'] = run['step'](run['params'], run['state'],
                                                 grads)
       jax.block_until_ready(run['params'])
       if r >= warmup:
         run['times'].append((time.perf_counter() - start) / max(loop, 1))
-    if not loop:
-      start = time.perf_counter()
-      jax.block_until_ready(norms_pass(params0, grads))
-      norms_times.append(time.perf_counter() - start)
     if progress:
       progress.update()
   n_layers = count_layers(params0, layer_axes)
@@ -404,10 +411,11 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
       f'Machine: {machine()}; jax {jax.__version__}, optax {optax.__version__}.'
       f' Median of {rounds} interleaved {per_round} after 2 warm-up ones; a '
       'step is `update` + `optax.apply_updates`, jitted with donated params '
-      'and state. Each round times every optimizer back to back, and a '
-      'ratio ("x SGD") is the median of the ratios within the rounds, with '
-      'their interquartile range in brackets: the rounds of this machine '
-      'drift by more than the gaps measured. '
+      'and state. Each round times every optimizer back to back, in an '
+      'order shuffled per round (a step right after a heavy one runs '
+      'slower), and a ratio ("x SGD") is the median of the ratios within '
+      'the rounds, with their interquartile range in brackets: the rounds of '
+      'this machine drift by more than the gaps measured. '
       + (f'Compile time is the fastest of {compile_repeats} compiles. '
          if compile_repeats > 1 else '')
       + 'Peak memory is XLA\'s buffer assignment for one step (arguments + '
