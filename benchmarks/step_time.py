@@ -2,11 +2,13 @@
 
 A jitted, buffer-donated step (`update` + `optax.apply_updates`) of each
 optimizer on four parameter trees, all in one process, the runs interleaved
-round by round in a shuffled order. Times are medians over the timed rounds;
-ratios are medians of the ratios within each round, with their quartiles.
+round by round in a shuffled order, a few steps of each in a row. Times are
+medians over the timed rounds; ratios are medians of the ratios within each
+round, with their quartiles.
 
     python -m benchmarks.step_time [--rounds 15] [--scale 1.0] [--out PATH]
-        [--trees NAME ...] [--compile-repeats 3] [--no-lm]
+        [--trees NAME ...] [--steps-per-round 3] [--compile-repeats 3]
+        [--no-lm]
 
 `--scale` shrinks the trees (a test runs `--scale 0.001 --rounds 2`).
 """
@@ -234,14 +236,17 @@ def norms_pass(params, grads):
 
 def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
                loop: int = 0, extra: dict | None = None,
-               compile_repeats: int = 1, layer_axes=None) -> dict:
+               compile_repeats: int = 1, layer_axes=None,
+               steps_per_round: int = 1) -> dict:
   """Times every optimizer on one tree, interleaved; returns rows by name.
 
   `loop` as in `compile_step` (the time is divided by it, and compile time,
   kernels and peak memory are those of the loop); `extra` adds optimizers to
   `optimizers()`; compile time is the fastest of `compile_repeats` compiles;
-  `layer_axes` goes to fromage_jax's optimizers.
-  Without `loop`, `norms_pass` is timed in the same rounds (under `_tree`).
+  `layer_axes` goes to fromage_jax's optimizers; each round makes
+  `steps_per_round` steps of each optimizer in a row and keeps the median of
+  all but the first. Without `loop`, `norms_pass` is timed in the same rounds
+  (under `_tree`).
   Each row keeps its per-round `times`, so that ratios can be taken round by
   round (see `paired_ratio`).
   """
@@ -263,24 +268,36 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
     )
     if progress:
       progress.update()
-  # Each round runs the steps in its own order: on a CPU, a step runs up to a
-  # quarter slower right after a heavy one (optax.fromage, optax.lars), so a
-  # fixed order would favour whichever step follows a light one.
-  order = [*runs, *(() if loop else ('norms pass',))]
-  for r in range(warmup + rounds):
-    random.Random(r).shuffle(order)
-    for name in order:
-      start = time.perf_counter()
-      if name == 'norms pass':
-        jax.block_until_ready(norms_pass(params0, grads))
-        norms_times.append(time.perf_counter() - start)
-        continue
-      run = runs[name]
+
+  def norms():
+    jax.block_until_ready(norms_pass(params0, grads))
+
+  def stepper(run):
+    def one():
       run['params'], run['state'] = run['step'](run['params'], run['state'],
                                                 grads)
       jax.block_until_ready(run['params'])
+    return one
+
+  calls = {name: (stepper(run), run['times']) for name, run in runs.items()}
+  if not loop:
+    calls['norms pass'] = (norms, norms_times)
+  # On a CPU a step ran up to a quarter slower right after another
+  # optimizer's, so with a fixed order the ratios depended on who came first.
+  # Each round runs every step `steps_per_round` times in a row, in an order
+  # shuffled per round, and keeps the median of all but the first.
+  order = list(calls)
+  for r in range(warmup + rounds):
+    random.Random(r).shuffle(order)
+    for name in order:
+      call, times = calls[name]
+      block = []
+      for _ in range(steps_per_round):
+        start = time.perf_counter()
+        call()
+        block.append((time.perf_counter() - start) / max(loop, 1))
       if r >= warmup:
-        run['times'].append((time.perf_counter() - start) / max(loop, 1))
+        times.append(statistics.median(block[1:] or block))
     if progress:
       progress.update()
   n_layers = count_layers(params0, layer_axes)
@@ -299,8 +316,8 @@ def bench_tree(shapes, rounds: int, warmup: int = 2, progress=None,
       params=sum(x.size for x in jax.tree.leaves(params0)),
       leaves=len(jax.tree.leaves(params0)), layers=n_layers,
       param_bytes=tree_bytes(params0),
-      norms_s=statistics.median(norms_times[warmup:]) if not loop else None,
-      norms_times=norms_times[warmup:])}
+      norms_s=statistics.median(norms_times) if not loop else None,
+      norms_times=norms_times)}
 
 
 def paired_ratio(times, other_times) -> tuple[float, float, float]:
@@ -400,7 +417,8 @@ def machine() -> str:
 
 
 def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
-             kernels: bool = False, compile_repeats: int = 1) -> str:
+             kernels: bool = False, compile_repeats: int = 1,
+             steps_per_round: int = 1) -> str:
   """The results as Markdown; `kernels` adds a column of kernel counts."""
   per_round = (f'rounds of {loop} steps in one call (a `fori_loop`; per-step '
                'time, compile time and kernels are the loop\'s)' if loop
@@ -411,11 +429,15 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
       f'Machine: {machine()}; jax {jax.__version__}, optax {optax.__version__}.'
       f' Median of {rounds} interleaved {per_round} after 2 warm-up ones; a '
       'step is `update` + `optax.apply_updates`, jitted with donated params '
-      'and state. Each round times every optimizer back to back, in an '
-      'order shuffled per round (a step right after a heavy one runs '
-      'slower), and a ratio ("x SGD") is the median of the ratios within '
-      'the rounds, with their interquartile range in brackets: the rounds of '
-      'this machine drift by more than the gaps measured. '
+      'and state. '
+      + (f'Each round makes {steps_per_round} steps of every optimizer in a '
+         'row, in an order shuffled per round, and keeps the median of all '
+         'but the first (a step right after another optimizer\'s can run '
+         'slower). ' if steps_per_round > 1 else
+         'Each round times every optimizer, in an order shuffled per round. ')
+      + 'A ratio ("x SGD") is the median of the ratios within the rounds, '
+      'with their interquartile range in brackets: the rounds of this '
+      'machine drift by more than the gaps measured. '
       + (f'Compile time is the fastest of {compile_repeats} compiles. '
          if compile_repeats > 1 else '')
       + 'Peak memory is XLA\'s buffer assignment for one step (arguments + '
@@ -499,6 +521,9 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=15)
   parser.add_argument('--scale', type=float, default=1.0)
+  parser.add_argument('--steps-per-round', type=int, default=3,
+                      help='steps of each optimizer in a row per round; all '
+                      'but the first are timed')
   parser.add_argument('--compile-repeats', type=int, default=3,
                       help='compile each step this many times; the fastest '
                       'is reported')
@@ -522,12 +547,14 @@ def main(argv=None) -> dict:
       results[tree] = bench_tree(TREES[tree](args.scale), args.rounds,
                                  progress=bar,
                                  compile_repeats=args.compile_repeats,
-                                 layer_axes=LAYER_AXES.get(tree))
+                                 layer_axes=LAYER_AXES.get(tree),
+                                 steps_per_round=args.steps_per_round)
     if not args.no_lm:
       bar.set_postfix_str('transformer LM')
       lm = bench_lm(args.rounds, progress=bar)
   md = markdown(results, args.rounds, time.perf_counter() - start,
-                compile_repeats=args.compile_repeats)
+                compile_repeats=args.compile_repeats,
+                steps_per_round=args.steps_per_round)
   if not args.no_lm:
     md += markdown_lm(lm)
   print(md)

@@ -58,6 +58,7 @@ def test_step_time_benchmark_quick(tmp_path):
   sgd = next(ln for ln in md.splitlines() if ln.startswith('| `optax.sgd` |'))
   assert sgd.split('|')[3].strip() == '1.00 (1.00–1.00)'
   assert 'Compile time is the fastest of 2 compiles' in md
+  assert 'makes 3 steps of every optimizer in a row' in md
   # Stacked blocks: state is still one norm per layer (148), not per leaf.
   scanned = md[md.index('## GPT-2 small, scanned blocks'):]
   assert '16 leaves (148 layers)' in scanned
