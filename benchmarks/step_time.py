@@ -113,8 +113,7 @@ TREES = {
 
 # `layer_axes` for fromage_jax on trees whose leaves stack layers.
 LAYER_AXES = {
-    'GPT-2 small, scanned blocks': lambda params: {
-        k: (0,) if k == 'blocks' else None for k in params},
+    'GPT-2 small, scanned blocks': fromage_jax.stacked_layer_axes('blocks'),
 }
 
 # Shown under a tree's heading in the results.
@@ -171,17 +170,11 @@ def optimizers(extra: dict | None = None, layer_axes=None) -> dict:
 
 
 def count_layers(params, layer_axes=None) -> int:
-  """Layers in `params`: a leaf is one, or as many as its layer axes index."""
-  if callable(layer_axes):
-    layer_axes = layer_axes(params)
-  if layer_axes is None:
-    return len(jax.tree.leaves(params))
-  is_axes = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
-  counts = jax.tree.map(
-      lambda axes, sub: sum(math.prod(x.shape[a] for a in axes or ())
-                            for x in jax.tree.leaves(sub)),
-      layer_axes, params, is_leaf=is_axes)
-  return sum(jax.tree.leaves(counts))
+  """Layers in `params` as fromage_jax sees them (one norm per layer)."""
+  norms = jax.eval_shape(
+      lambda p: fromage_jax.relative_update_norms(p, p, layer_axes=layer_axes),
+      params)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(norms))
 
 
 def tree_bytes(tree) -> int:
