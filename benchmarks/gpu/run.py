@@ -111,9 +111,6 @@ def copy_bandwidth(n_bytes: int, rounds: int, loop: int) -> float:
 
 
 CHAIN = 'chain of the public transforms'
-# The plan's 2,000-leaf tree is too much for a small CPU's compiler (see
-# step_time.NOTES), so it is only timed when asked for.
-TREES = step_time.TREES | {'2,000 small leaves': step_time.many_small_shapes}
 
 
 def public_chain(learning_rate: float,
@@ -158,7 +155,8 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=None,
                       help='Markdown results file, rewritten after each tree')
   parser.add_argument('--trees', nargs='*', default=list(step_time.TREES),
-                      choices=list(TREES), help='trees to time, in order')
+                      choices=list(step_time.TREES),
+                      help='trees to time, in order')
   parser.add_argument('--hlo', default=None,
                       help='directory for the compiled HLO of the GPT-2-like '
                       'step of each fromage_jax optimizer')
@@ -186,8 +184,8 @@ def main(argv=None) -> int:
   ]
   # --quick (a test) times the GPT-2-like trees alone: compiling the others
   # takes minutes on a small CPU.
-  trees = [t for t in TREES if t.startswith('GPT-2')] if args.quick else (
-      args.trees)
+  trees = [t for t in step_time.TREES if t.startswith('GPT-2')
+           ] if args.quick else args.trees
   results, copy_bps, lm = {}, None, None
 
   def write():
@@ -209,7 +207,7 @@ def main(argv=None) -> int:
 
   for tree in trees:
     print(f'timing {tree} ...', flush=True)
-    shapes = TREES[tree](scale)
+    shapes = step_time.TREES[tree](scale)
     layer_axes = step_time.LAYER_AXES.get(tree)
     results[tree] = step_time.bench_tree(
         shapes, rounds, loop=loop, layer_axes=layer_axes,
