@@ -96,8 +96,9 @@ def resnet50_shapes(scale: float = 1.0) -> dict:
 def many_small_shapes(scale: float = 1.0, n: int = 2000) -> dict:
   """`n` small leaves: matrices and vectors of 16 to 4,096 elements.
 
-  Their sides are powers of two from 4 to 64, so the leaves share 34 shapes,
-  as the layers of a deep model share theirs.
+  Their sides are powers of two from 4 to 64, so the leaves share at most 34
+  shapes (all of them at `n=2000`), as the layers of a deep model share
+  theirs.
   """
   rng = np.random.default_rng(0)
   n = max(20, int(n * scale**0.5))
@@ -445,7 +446,7 @@ def markdown(results: dict, rounds: int, wall_s: float, loop: int = 0,
     adam = rows['optax.adam']
     lines += [
         '',
-        f'## {tree}: {info["params"] / 1e6:.1f}M params, {info["leaves"]} '
+        f'## {tree}: {info["params"] / 1e6:.1f}M params, {info["leaves"]:,} '
         'leaves' + (f' ({info["layers"]} layers)'
                     if info['layers'] != info['leaves'] else ''),
         '',

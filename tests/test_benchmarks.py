@@ -1,5 +1,6 @@
 """The benchmark scripts run, on the CPU, in their quick forms."""
 
+import math
 import os
 import pathlib
 import re
@@ -68,6 +69,16 @@ def test_step_time_benchmark_quick(tmp_path):
   assert '`fromage_jax.fromage` with `p_bound` takes' in md
   # The floor of a two-pass step, from the norms pass timed alongside.
   assert 'A pass of plain `jnp.sum`s that only reads every `W` and `g`' in md
+
+
+def test_many_small_leaves_repeat_few_shapes():
+  """The 2,000-leaf tree compiles on a small CPU because its shapes repeat."""
+  from benchmarks import step_time
+
+  shapes = step_time.TREES['2,000 small leaves']()
+  assert len(shapes) == 2000
+  assert len(set(shapes.values())) == 34
+  assert all(16 <= math.prod(s) <= 4096 for s in shapes.values())
 
 
 def test_paired_ratio_takes_ratios_within_rounds():
