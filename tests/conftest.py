@@ -1,4 +1,4 @@
-"""Import-path setup only: lets test files do `from tests.reference import ...`."""
+"""Import-path setup only: lets test files do `from tests.tree_asserts import ...`."""
 
 import pathlib
 import sys

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import fromage_jax as fj
-from tests import reference
+from fromage_jax import testing as reference
 
 
 def _np_fromage_layer(w, g, eta, w0=None, p_bound=None):

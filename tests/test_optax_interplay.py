@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import fromage_jax
-from tests.reference import fromage_layer as np_fromage
+from fromage_jax.testing import fromage_layer as np_fromage
 from tests.tree_asserts import assert_close
 from tests.tree_asserts import tree_dist
 

@@ -14,7 +14,7 @@ from optax import contrib
 import pytest
 
 import fromage_jax
-from tests.reference import fromage_layer as np_fromage
+from fromage_jax.testing import fromage_layer as np_fromage
 from tests.tree_asserts import assert_close
 
 

@@ -1,4 +1,4 @@
-"""fromage_jax against the float64 NumPy oracle in tests/reference.py."""
+"""fromage_jax against the float64 NumPy oracle in fromage_jax.testing."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import fromage_jax
-from tests import reference as ref
+from fromage_jax import testing as ref
 
 STEPS = 50
 # float32: each step's arithmetic is a handful of roundings of O(|W|) values

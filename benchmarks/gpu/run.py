@@ -1,7 +1,7 @@
 """fromage_jax on a GPU: correctness against float64, then speed and bandwidth.
 
 1. Checks fromage_jax.fromage on the device against the float64 NumPy
-   reference (tests/reference.py) over several steps of random trees: float32,
+   reference (fromage_jax.testing) over several steps of random trees: float32,
    bfloat16, zero-initialised and zero-gradient leaves, stacked layers and
    `p_bound`.
 2. Times the same benchmarks as benchmarks/step_time.py, plus the chain of the
@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 from benchmarks import step_time  # noqa: E402
 import fromage_jax  # noqa: E402
-from tests import reference  # noqa: E402
+from fromage_jax import testing  # noqa: E402
 
 
 def check_against_reference(steps: int = 5) -> list[str]:
@@ -63,7 +63,7 @@ def check_against_reference(steps: int = 5) -> list[str]:
     dev = jax.tree.map(lambda x, dtype=dtype: jnp.asarray(x, dtype), params)
     ref = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32),
                                             np.float64), dev)
-    init_norms = reference.layer_norms(ref, full_axes)
+    init_norms = testing.layer_norms(ref, full_axes)
     state = tx.init(dev)
     update = jax.jit(tx.update)
     worst = 0.0
@@ -74,7 +74,7 @@ def check_against_reference(steps: int = 5) -> list[str]:
                                grads)
       updates, state = update(dev_grads, state, dev)
       dev = optax.apply_updates(dev, updates)
-      ref = reference.fromage_step(
+      ref = testing.fromage_step(
           ref, jax.tree.map(lambda x: np.asarray(x, np.float64), dev_grads),
           0.05, p_bound=p_bound, init_norms=init_norms, layer_axes=full_axes)
       for k in ref:
