@@ -1,5 +1,7 @@
 """The example `python -m fromage_jax.examples.checkpointing`, on a short run."""
 
+import tempfile
+
 import pytest
 
 pytest.importorskip('orbax.checkpoint')
@@ -26,3 +28,13 @@ def test_checkpointing_example_refuses_a_used_directory(tmp_path):
   (tmp_path / 'old').mkdir()
   with pytest.raises(SystemExit):
     checkpointing.main(['--quick', '--ckpt-dir', str(tmp_path)])
+
+
+def test_checkpointing_example_without_a_directory_leaves_nothing_behind(
+    tmp_path, monkeypatch
+):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  results = checkpointing.main(['--quick'])
+  assert results['ckpt_dir'].startswith(str(tmp_path))
+  assert results['checkpoints'] == [3, 6]
+  assert list(tmp_path.iterdir()) == []

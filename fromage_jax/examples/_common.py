@@ -1,7 +1,7 @@
 """Shared data and model helpers for the demo and examples."""
 
+import argparse
 import importlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +10,23 @@ import optax
 
 
 def require(module: str):
-  """Imports `module`, or exits naming the extra that provides it."""
+  """Imports `module`, or raises `ModuleNotFoundError` naming its extra."""
   try:
     return importlib.import_module(module)
-  except ImportError:
-    sys.exit(
-        f'This needs {module.split(".")[0]}, from the "examples" extra: '
-        'python3 -m pip install -e ".[examples]"'
-    )
+  except ImportError as e:
+    raise ModuleNotFoundError(
+        f'{module} is missing: the demo and examples need the "examples" '
+        'extra: pip install "fromage_jax[examples]" (in a checkout of the '
+        'repository: pip install -e ".[examples]")',
+        name=e.name,
+    ) from e
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+  """The parser of `python -m <module>`, described by `doc`'s first line."""
+  return argparse.ArgumentParser(
+      prog=f'python -m {module}', description=doc.splitlines()[0]
+  )
 
 
 def load_digits(seed: int, standardise: bool = True):

@@ -1,8 +1,11 @@
 """The loss, train step and accuracy shared by the Flax NNX examples."""
 
-from flax import nnx
 import jax.numpy as jnp
 import optax
+
+from fromage_jax.examples._common import require
+
+nnx = require('flax.nnx')
 
 
 def loss_fn(model, x, y):

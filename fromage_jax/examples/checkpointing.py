@@ -13,7 +13,6 @@ are equal bit for bit.
     python -m fromage_jax.examples.checkpointing [--quick] [--ckpt-dir DIR]
 """
 
-import argparse
 import logging
 import os
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 
 import fromage_jax
 from fromage_jax.examples._common import accuracy
+from fromage_jax.examples._common import argument_parser
 from fromage_jax.examples._common import init_mlp
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import make_epoch
@@ -100,7 +100,7 @@ def leaves_equal(a, b) -> bool:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argument_parser('fromage_jax.examples.checkpointing', __doc__)
   parser.add_argument('--epochs', type=int, default=30)
   parser.add_argument('--save-every', type=int, default=5)
   parser.add_argument(
@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument(
       '--ckpt-dir', default=None,
-      help='an empty or new directory (default: a new temporary one)',
+      help='an empty or new directory (default: a temporary one, removed '
+      'at the end)',
   )
   parser.add_argument(
       '--quick', action='store_true',
@@ -129,11 +130,18 @@ def main(argv=None) -> dict:
       args.interrupt_at += 1  # so that some work is lost and redone
   if not 0 < args.interrupt_at < args.epochs:
     parser.error('--interrupt-at must lie between 0 and --epochs')
-  ckpt_dir = os.path.abspath(
-      args.ckpt_dir or tempfile.mkdtemp(prefix='fromage_ckpt_')
-  )
+  if args.ckpt_dir is None:
+    # The checkpoints then last as long as the run, and leave nothing behind.
+    with tempfile.TemporaryDirectory(prefix='fromage_ckpt_') as ckpt_dir:
+      return run(args, ckpt_dir)
+  ckpt_dir = os.path.abspath(args.ckpt_dir)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     parser.error(f'--ckpt-dir {ckpt_dir} is not empty')
+  return run(args, ckpt_dir)
+
+
+def run(args, ckpt_dir: str) -> dict:
+  """Interrupted, resumed and uninterrupted training, saving in `ckpt_dir`."""
   tqdm = require('tqdm.auto').tqdm
   # orbax logs every save and restore at INFO level through absl.
   logging.getLogger('absl').setLevel(logging.WARNING)

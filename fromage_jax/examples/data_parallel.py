@@ -28,7 +28,6 @@ if __name__ == '__main__':
         _n = _a.split('=', 1)[1]
     os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={_n}'
 
-import argparse  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,6 +39,7 @@ import optax  # noqa: E402
 
 import fromage_jax  # noqa: E402
 from fromage_jax.examples._common import accuracy  # noqa: E402
+from fromage_jax.examples._common import argument_parser  # noqa: E402
 from fromage_jax.examples._common import init_mlp  # noqa: E402
 from fromage_jax.examples._common import load_digits  # noqa: E402
 from fromage_jax.examples._common import loss_fn  # noqa: E402
@@ -68,7 +68,7 @@ def make_train_step(tx, replicated, batch_sharding):
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argument_parser('fromage_jax.examples.data_parallel', __doc__)
   parser.add_argument('--devices', type=int, default=4,
                       help='CPU devices to force when run as a script; '
                       'imported, the process keeps the devices it has')
@@ -92,7 +92,9 @@ def main(argv=None) -> dict:
   batch_sharding = NamedSharding(mesh, P('data'))
   n = len(devices)
   if args.batch_size % n:
-    sys.exit(f'--batch-size {args.batch_size} must divide by the {n} devices')
+    parser.error(
+        f'--batch-size {args.batch_size} must divide by the {n} devices'
+    )
 
   x_tr, y_tr, x_te, y_te = load_digits(args.seed)
   params = init_mlp(jax.random.key(args.seed),

@@ -8,20 +8,22 @@ Prints train and test accuracy.
     python -m fromage_jax.examples.linen_mlp_digits [--epochs 20] [--quick]
 """
 
-import argparse
 import time
 
-from flax import linen as nn
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import fromage_jax
+from fromage_jax.examples._common import argument_parser
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import minibatches
+from fromage_jax.examples._common import require
+
+nn = require('flax.linen')
+train_state = require('flax.training.train_state')
+tqdm = require('tqdm.auto').tqdm
 
 
 class MLP(nn.Module):
@@ -80,7 +82,7 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argument_parser('fromage_jax.examples.linen_mlp_digits', __doc__)
   parser.add_argument('--epochs', type=int, default=20)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--learning-rate', type=float, default=0.01)

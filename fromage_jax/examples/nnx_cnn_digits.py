@@ -8,19 +8,21 @@ needs. Prints train and test accuracy.
     python -m fromage_jax.examples.nnx_cnn_digits [--epochs 15] [--quick]
 """
 
-import argparse
 import time
 
-from flax import nnx
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 import fromage_jax
+from fromage_jax.examples._common import argument_parser
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import minibatches
+from fromage_jax.examples._common import require
 from fromage_jax.examples._nnx import accuracy
 from fromage_jax.examples._nnx import train_step
+
+nnx = require('flax.nnx')
+tqdm = require('tqdm.auto').tqdm
 
 
 class CNN(nnx.Module):
@@ -67,7 +69,7 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argument_parser('fromage_jax.examples.nnx_cnn_digits', __doc__)
   parser.add_argument('--epochs', type=int, default=15)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--learning-rate', type=float, default=0.01)

@@ -16,21 +16,23 @@ by eta), then trains and prints train and test accuracy.
     python -m fromage_jax.examples.nnx_scan_stacked [--epochs 15] [--quick]
 """
 
-import argparse
 import time
 
-from flax import nnx
 import jax
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import fromage_jax
+from fromage_jax.examples._common import argument_parser
 from fromage_jax.examples._common import load_digits
 from fromage_jax.examples._common import minibatches
+from fromage_jax.examples._common import require
 from fromage_jax.examples._nnx import accuracy
 from fromage_jax.examples._nnx import loss_fn
 from fromage_jax.examples._nnx import train_step
+
+nnx = require('flax.nnx')
+tqdm = require('tqdm.auto').tqdm
 
 
 class Block(nnx.Module):
@@ -145,7 +147,7 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int,
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argument_parser('fromage_jax.examples.nnx_scan_stacked', __doc__)
   parser.add_argument('--epochs', type=int, default=15)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--learning-rate', type=float, default=0.01)
