@@ -27,6 +27,21 @@ def load_digits():
   return jnp.asarray((x - mean) / std), jnp.asarray(y.astype(np.int32))
 
 
+def digits_split(test_size: float = 0.2, seed: int = 0):
+  """The digits split for held-out figures, pixels scaled to [0, 1].
+
+  Stratified by label (`seed`); returns `x_tr, y_tr, x_te, y_te` as numpy.
+  """
+  from sklearn import datasets
+  from sklearn import model_selection
+
+  x, y = datasets.load_digits(return_X_y=True)
+  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
+      x.astype(np.float32) / 16, y.astype(np.int32), test_size=test_size,
+      random_state=seed, stratify=y)
+  return x_tr, y_tr, x_te, y_te
+
+
 def mlp_sizes(depth: int, width: int, d_in: int = 64, d_out: int = 10):
   """Layer sizes of a `depth`-layer MLP (`depth` weight matrices)."""
   return [d_in] + [width] * (depth - 1) + [d_out]

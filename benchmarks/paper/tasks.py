@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fromage_jax.examples import _common as examples_common
+from benchmarks.paper import _common
 
 # --------------------------------------------------------------------------
 # The task interface.
@@ -81,9 +81,11 @@ def split_params(model: nnx.Module):
 
 
 def _minibatch_indices(rng, epochs, n, batch_size):
-  """`[epochs, n // batch_size, batch_size]` shuffled example indices."""
+  """`[epochs, n // batch_size, batch_size]` shuffled example indices: one
+  permutation of the `n` examples an epoch, its remainder dropped."""
+  steps = n // batch_size
   return np.stack([
-      np.stack(list(examples_common.minibatches(rng, n, batch_size)))
+      rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)
       for _ in range(epochs)
   ]).astype(np.int32)
 
@@ -191,7 +193,7 @@ def cross_entropy(logits, labels):
 def digits(scale: str):
   """The digits' fixed 80/20 split (seed 0), pixels scaled to [0, 1] or
   [-1, 1] (`scale='tanh'`)."""
-  x_tr, y_tr, x_te, y_te = examples_common.load_digits(0, standardise=False)
+  x_tr, y_tr, x_te, y_te = _common.digits_split()
   if scale == 'tanh':
     x_tr, x_te = 2 * x_tr - 1, 2 * x_te - 1
   return (jnp.asarray(x_tr), jnp.asarray(y_tr), jnp.asarray(x_te),
