@@ -1,17 +1,41 @@
-"""The README's Python snippets run and do what they say."""
+"""The README's snippet runs, and what it states matches the code and files."""
 
 import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+import fromage_jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / 'README.md'
+# A figure: a number with a decimal point or an exponent (not "figure 3").
+FIGURE = re.compile(r'(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w.]*\d)')
+
+
+def figures(text: str) -> set[str]:
+  return {f for f in FIGURE.findall(text) if '.' in f or 'e' in f}
 
 
 def snippets():
   return re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
+
+
+def section(title: str) -> str:
+  text = README.read_text()
+  start = text.index(f'\n## {title}\n')
+  end = text.find('\n## ', start + 1)
+  return text[start:end if end > 0 else None]
+
+
+def table_rows(text: str) -> list[list[str]]:
+  """The body rows of the Markdown tables in `text`, split into cells."""
+  rows = []
+  for line in text.splitlines():
+    if line.startswith('| ') and not line.startswith('| ---'):
+      rows.append([c.strip() for c in re.split(r'(?<!\\)\|', line)[1:-1]])
+  return [r for r in rows if r[0] not in ('name', 'what', 'command')]
 
 
 def test_readme_has_the_two_setup_commands_that_ci_runs():
@@ -24,8 +48,9 @@ def test_readme_has_the_two_setup_commands_that_ci_runs():
 
 
 def test_plain_optax_quickstart_trains_including_the_zero_bias():
+  (code,) = snippets()
   ns = {}
-  exec(snippets()[0], ns)  # noqa: S102
+  exec(code, ns)  # noqa: S102
   # The snippet ran 500 steps: compare with the loss at the initial params.
   k1, k2, _ = jax.random.split(jax.random.key(0), 3)
   init = {'w1': jax.random.normal(k1, (8, 32)) / jnp.sqrt(8),
@@ -37,12 +62,42 @@ def test_plain_optax_quickstart_trains_including_the_zero_bias():
   assert float(jnp.linalg.norm(ns['params']['b1'])) > 1e-3
 
 
-def test_nnx_quickstart_trains():
-  ns = {}
-  exec(snippets()[1], ns)  # noqa: S102
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, 128))
-  losses = [float(ns['train_step'](ns['model'], ns['optimizer'], x, y))
-            for _ in range(30)]
-  assert losses[-1] < 0.8 * losses[0]
+def test_quickstart_is_short():
+  (code,) = snippets()
+  assert len(code.strip().splitlines()) <= 30
+
+
+def test_api_table_lists_exactly_the_public_names():
+  listed = set()
+  for row in table_rows(section('API')):
+    listed |= set(re.findall(r'`(?:fromage_jax\.)?(\w+)[(`]', row[0]))
+  testing = (ROOT / 'fromage_jax' / 'testing.py').exists()
+  assert listed == set(fromage_jax.__all__) | ({'testing'} if testing else set())
+
+
+def test_examples_table_lists_every_example_module():
+  listed = set(re.findall(r'python3 -m (fromage_jax[\w.]*)', section('Examples')))
+  modules = {f'fromage_jax.examples.{p.stem}'
+             for p in (ROOT / 'fromage_jax' / 'examples').glob('*.py')
+             if not p.stem.startswith('_')}
+  assert listed == modules | {'fromage_jax.demo'}
+
+
+def test_results_figures_come_from_the_files_they_cite():
+  rows = table_rows(section('Results'))
+  assert rows
+  for row in rows:
+    quoted = figures(' '.join(row[:-1]))
+    sources = re.findall(r'\]\(([^)#]+)\)', row[-1])
+    assert sources, row
+    in_files = set().union(*(figures((ROOT / s).read_text()) for s in sources))
+    assert not quoted - in_files, (row[0], sorted(quoted - in_files))
+  # Outside the table the section quotes no figure.
+  prose = '\n'.join(line for line in section('Results').splitlines()
+                    if not line.startswith('|'))
+  assert not figures(prose)
+
+
+def test_readme_links_point_to_files_that_exist():
+  for target in re.findall(r'\]\(([^)#:]+)(?:#[^)]*)?\)', README.read_text()):
+    assert (ROOT / target).exists(), target
