@@ -1,7 +1,9 @@
 """The notebooks in `notebooks/` execute top to bottom without errors.
 
 They run in a fresh kernel with nbclient (in the notebooks' folder, as a user
-would run them); the stored copies are not modified. The kernel shares
+would run them); the stored copies are not modified, and what the kernel
+writes (IPython's profile, the notebooks' temporary folders) goes to pytest's
+`tmp_path`, so a run leaves nothing behind. The kernel shares
 tests/test_paper.py's persistent XLA compilation cache (same folder), so `paper_figures.ipynb`
 (which runs the quick modes of `benchmarks/paper/`) reuses its compiles.
 """
@@ -19,7 +21,11 @@ NOTEBOOKS = ROOT / 'notebooks'
 CACHE_DIR = os.path.join(tempfile.gettempdir(), 'fromage_jax_paper_xla_cache')
 
 
-def execute(name: str, monkeypatch) -> nbformat.NotebookNode:
+def execute(name: str, monkeypatch, tmp_path) -> nbformat.NotebookNode:
+  # The kernel inherits this environment: IPython would create
+  # ~/.ipython/profile_default, and `tempfile.mkdtemp` a folder in /tmp.
+  monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -52,8 +58,8 @@ def test_stored_notebook_has_outputs(name):
   assert any('image/png' in o.get('data', {}) for o in outputs(nb))
 
 
-def test_quickstart_executes(monkeypatch):
-  nb = execute('quickstart.ipynb', monkeypatch)
+def test_quickstart_executes(monkeypatch, tmp_path):
+  nb = execute('quickstart.ipynb', monkeypatch, tmp_path)
   assert not list(outputs(nb, 'error'))
   out = text(nb)
   assert 'relative step of each weight matrix' in out
@@ -62,14 +68,16 @@ def test_quickstart_executes(monkeypatch):
   assert len(images) == 1
 
 
-def test_paper_figures_executes(monkeypatch):
-  nb = execute('paper_figures.ipynb', monkeypatch)
+def test_paper_figures_executes(monkeypatch, tmp_path):
+  nb = execute('paper_figures.ipynb', monkeypatch, tmp_path)
   assert not list(outputs(nb, 'error'))
   images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
   assert len(images) == 3
   out = text(nb)
   for needle in ('depth 16', 'prediction for LARS', 'best lr'):
     assert needle in out
+  # The notebook's figures went to a temporary folder under tmp_path.
+  assert list(tmp_path.glob('paper_figures_*/depth.png'))
 
 
 def test_notebooks_folder_holds_the_two_notebooks():
