@@ -30,7 +30,9 @@ extensions = [
 exclude_patterns = ['_build', '_results', 'Thumbs.db', '.DS_Store']
 
 autodoc_member_order = 'bysource'
-autodoc_typehints = 'description'
+# The docstrings say what each argument takes; the annotations would print
+# optax's aliases expanded (ScalarOrSchedule as a dozen-type union).
+autodoc_typehints = 'none'
 autodoc_default_options = {'show-inheritance': False}
 autosummary_generate = False
 napoleon_google_docstring = True

@@ -108,13 +108,15 @@ def results_block(name: str, docdir: pathlib.Path) -> str:
   path = ROOT / name
   where = '\n'.join(f'- {line}' for line in provenance(path))
   rel = os.path.relpath(path, docdir)
+  # The page has its own title: skip the file's, and nest its other headings.
+  skip = ':start-line: 1\n' if path.read_text().startswith('# ') else ''
   return (
-      ':::{note}\n'
+      ':::{admonition} Source\n:class: note\n'
       f'Generated from `{name}` at build time, '
       f'{_last_commit_date(path)}.\n\n'
       f'{where}\n'
       ':::\n\n'
-      f'```{{include}} {rel}\n:relative-images:\n:heading-offset: 1\n```\n'
+      f'```{{include}} {rel}\n:relative-images:\n:heading-offset: 1\n{skip}```\n'
   )
 
 
