@@ -55,4 +55,3 @@ html_theme_options = {
     'show_toc_level': 2,
     'navigation_with_keys': False,
 }
-html_last_updated_fmt = None

@@ -106,7 +106,8 @@ def test_results_page_holds_its_files_figures_and_provenance(site, page):
   if machine:
     # In the note on the file's provenance, and in the file itself.
     assert squash(shown).count(squash(machine.group(1))) >= 2
-  assert re.search(r'last committed on \d{4}-\d\d-\d\d|not committed', shown)
+  assert re.search(r'last commit(?:ted)? on \d{4}-\d\d-\d\d|not committed',
+                   shown)
   for image in re.findall(r'!\[[^]]*\]\(([^)]+)\)', text):
     assert (site / '_images' / pathlib.Path(image).name).is_file(), image
 

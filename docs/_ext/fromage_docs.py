@@ -6,8 +6,8 @@
 - ```` ```{results-file} PATH ```` (a results file's path from the
   repository root) becomes a note on where the file came from (the machine
   and version lines it holds, the date it was last committed) followed by
-  the file itself.
-- ```` ```{results-index} ```` becomes a table of the results pages listed in
+  the file itself, as a section of the page.
+- ```` ```{results-index} ```` becomes a list of the results pages named in
   the front page's toctree: each one's file, machine and date.
 
 The docstrings write code Markdown-style, in single backticks, which
@@ -84,16 +84,22 @@ def api_reference() -> str:
   return '```{eval-rst}\n' + '\n'.join(lines) + '\n```\n'
 
 
-def _last_commit_date(path: pathlib.Path) -> str:
+def _git(*args: str) -> subprocess.CompletedProcess | None:
   try:
-    out = subprocess.run(
-        ['git', 'log', '-1', '--format=%cs', '--', str(path)], cwd=ROOT,
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout.strip()
+    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True,
+                          text=True, check=False, timeout=30)
   except (OSError, subprocess.SubprocessError):
-    out = ''
-  if out:
-    return f'last committed on {out}'
+    return None
+
+
+def _last_commit_date(path: pathlib.Path) -> str:
+  log = _git('log', '-1', '--format=%cs', '--', str(path))
+  date = log.stdout.strip() if log and log.returncode == 0 else ''
+  if date:
+    diff = _git('diff', '--quiet', 'HEAD', '--', str(path))
+    changed = diff is not None and diff.returncode == 1
+    return (f'modified since its last commit on {date}' if changed
+            else f'last committed on {date}')
   # Outside a git checkout, or a file not committed yet.
   mtime = datetime.date.fromtimestamp(path.stat().st_mtime)
   return f'not committed; written on {mtime.isoformat()}'
@@ -104,19 +110,43 @@ def provenance(path: pathlib.Path) -> list[str]:
   return list(dict.fromkeys(m.group(0) for m in PROVENANCE.finditer(text)))
 
 
+def _as_section(text: str, rel: str) -> str:
+  """A results file's Markdown, made to sit under the page's own title.
+
+  The file's title is dropped and its other headings go one level down;
+  images are found relative to the file; a `|` inside a code span of a table
+  row (`||W||`) is escaped, as GitHub's tables need too, so that it does not
+  split the cell.
+  """
+  lines = text.splitlines()
+  if lines and lines[0].startswith('# '):
+    lines = lines[1:]
+  out, fenced = [], False
+  for line in lines:
+    if line.startswith('```'):
+      fenced = not fenced
+    elif not fenced and re.match(r'#+ ', line):
+      line = '#' + line
+    elif not fenced and line.startswith('|'):
+      line = re.sub(r'`[^`]*`',
+                    lambda m: re.sub(r'(?<!\\)\|', r'\\|', m.group(0)), line)
+    out.append(line)
+  body = '\n'.join(out)
+  return re.sub(r'!\[([^]]*)\]\((?!\w+://)([^)]+)\)',
+                lambda m: f'![{m.group(1)}]({rel}/{m.group(2)})', body)
+
+
 def results_block(name: str, docdir: pathlib.Path) -> str:
   path = ROOT / name
   where = '\n'.join(f'- {line}' for line in provenance(path))
-  rel = os.path.relpath(path, docdir)
-  # The page has its own title: skip the file's, and nest its other headings.
-  skip = ':start-line: 1\n' if path.read_text().startswith('# ') else ''
+  rel = os.path.relpath(path.parent, docdir)
   return (
       ':::{admonition} Source\n:class: note\n'
       f'Generated from `{name}` at build time, '
       f'{_last_commit_date(path)}.\n\n'
       f'{where}\n'
       ':::\n\n'
-      f'```{{include}} {rel}\n:relative-images:\n:heading-offset: 1\n{skip}```\n'
+      f'{_as_section(path.read_text(), rel)}\n'
   )
 
 
