@@ -1,5 +1,6 @@
 """The README's snippet runs, and what it states matches the code and files."""
 
+import inspect
 import pathlib
 import re
 
@@ -73,6 +74,22 @@ def test_api_table_lists_exactly_the_public_names():
     listed |= set(re.findall(r'`(?:fromage_jax\.)?(\w+)[(`]', row[0]))
   testing = (ROOT / 'fromage_jax' / 'testing.py').exists()
   assert listed == set(fromage_jax.__all__) | ({'testing'} if testing else set())
+
+
+def test_api_table_signatures_match_the_code():
+  for row in table_rows(section('API')):
+    found = re.fullmatch(r'`(\w+)\((.*)\)`', row[0])
+    if not found:
+      continue
+    name, args = found.groups()
+    params = inspect.signature(getattr(fromage_jax, name)).parameters
+    for arg in (a.strip() for a in args.split(',')):
+      if arg in ('*', '...', ''):
+        continue
+      key, _, default = arg.lstrip('*').partition('=')
+      assert key in params, (name, key)
+      if default:
+        assert repr(params[key].default) == default, (name, key)
 
 
 def test_examples_table_lists_every_example_module():
