@@ -19,6 +19,7 @@ import scipy.linalg
 from benchmarks.paper import sensitivity
 from benchmarks.paper import tasks
 import fromage_jax
+from tests.test_paper import cache_dir
 from tests.test_paper import run_quick
 
 
@@ -134,7 +135,8 @@ def test_at_most_three_decays(name):
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
   out = tmp_path_factory.mktemp('sensitivity')
-  data = run_quick('sensitivity', out, md_name='table1')
+  data = run_quick('sensitivity', out, cache_dir(tmp_path_factory),
+                   md_name='table1')
   data['summary'] = sensitivity.summarise(data['runs'])
   return data, (out / 'table1.md').read_text()
 

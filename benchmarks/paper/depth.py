@@ -1,18 +1,23 @@
 """The paper's figure 3: training accuracy of deep MLPs against depth.
 
-ReLU MLPs without biases, normalisation or skip connections, of depth 2 to 50
-(depth = number of weight matrices), trained on scikit-learn's digits with
-Fromage at eta in {0.1, 0.01, 0.001}, SGD with momentum 0.9 at {1, 0.1, 0.01}
-and Adam at {1e-2, 1e-3, 1e-4}; each learning rate decays by 0.95 every epoch
-(`optax.exponential_decay(..., staircase=True)`). Left: the training accuracy
-of each optimizer's best learning rate per depth. Right: Fromage per learning
-rate, beside Lemma 2's bound `fromage_jax.descent_learning_rate_bound(depth)`.
+The authors' protocol (jxbz/fromage, `classify-mnist/depth.ipynb`), on
+scikit-learn's digits instead of MNIST: `L` hidden `width x width` ReLU layers
+and a linear output layer (`L + 1` matrices, each with a bias; no
+normalisation or skip connections), batch 250, Fromage at eta in
+{0.1, 0.01, 0.001}, SGD with momentum 0.9 at {1, 0.1, 0.01} and Adam at
+{1e-2, 1e-3, 1e-4}, every learning rate times 0.95 after each of 100
+"epochs" (equal slices of the step budget). Two initialisations, everything
+else equal: the authors' (PyTorch's default `nn.Linear`: weights and biases
+from U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and He-normal weights (the same
+uniform biases), with the gradient norm of every layer at init measured
+under both.
 
-The hidden layers are one stacked `[depth - 2, width, width]` leaf run by
-`lax.scan` (Fromage treats its slices as layers via `layer_axes`), so the
-compile time does not grow with depth; learning rates and seeds of one
-optimizer and depth are `jax.vmap`-ed and the epochs and steps `lax.scan`-ed:
-one compiled call per (optimizer, depth).
+The hidden layers are one stacked `{'w': [L, width, width], 'b': [L, width]}`
+run by `lax.scan`; Fromage treats each slice of both leaves as a layer of its
+own (`fromage_jax.stacked_layer_axes('hidden')`), as the authors' Fromage
+treats each weight and each bias tensor. Learning rates, seeds and both
+inits of one (optimizer, depth) are `jax.vmap`-ed and the steps
+`lax.scan`-ed: one compiled call per (optimizer, depth).
 
     python -m benchmarks.paper.depth [--quick] [--out DIR]
 """
@@ -20,6 +25,7 @@ one compiled call per (optimizer, depth).
 import argparse
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,49 +42,85 @@ LEARNING_RATES = {
     'SGD (momentum 0.9)': (1.0, 0.1, 0.01),
     'Adam': (1e-2, 1e-3, 1e-4),
 }
-FULL = dict(depths=(2, 5, 10, 20, 30, 50), width=64, epochs=100,
-            batch_size=128, seeds=(0, 1), decay=0.95)
-QUICK = dict(depths=(2, 6), width=16, epochs=3, batch_size=128, seeds=(0,),
-             decay=0.95)
+INITS = {'authors': 'PyTorch default (authors)', 'he': 'He-normal weights'}
+# The digits' 64 pixels: every hidden layer is square, as the authors' 784
+# (MNIST's pixels) are.
+WIDTH = 64
+ADAM_EPS = 1e-8  # optax.adam's default, as torch.optim.Adam's
+# 3,000 steps, an eighth of the authors' 24,000: what the 2-core CPU runs in
+# about 45 minutes for 5 depths x 54 runs.
+FULL = dict(depths=(1, 10, 20, 30, 50), epochs=100, steps_per_epoch=30,
+            batch_size=250, seeds=(0, 1, 2), decay=0.95, grad_depth=50)
+# The gradients at init are measured at L = 50 in both modes: one backward
+# pass, and the authors' init shows its decay only once biases dominate.
+QUICK = dict(depths=(1, 5), epochs=20, steps_per_epoch=10, batch_size=250,
+             seeds=(0, 1, 2), decay=0.95, grad_depth=50)
+# The authors' logs (jxbz/fromage, make-plots/logs/mnist-depth/100_epochs/):
+# the mean minibatch training accuracy of the last of 100 epochs, one seed
+# per run, at our depths; reference figures only, never compared in code.
+AUTHORS_LOGS = {
+    'Fromage': {0.1: (0.998, 1.000, 0.998, 0.112, 0.112, 0.112, 0.112),
+                0.01: (1.000, 0.999, 1.000, 0.970, 0.112, 0.112, 0.112),
+                0.001: (0.971, 0.993, 0.988, 0.972, 0.704, 0.687, 0.654)},
+    'SGD (momentum 0.9)': {
+        1.0: (0.185, 0.099, 0.112, 0.112, 0.112, 0.112, 0.112),
+        0.1: (1.000, 1.000, 1.000, 0.112, 0.112, 0.112, 0.112),
+        0.01: (0.998, 1.000, 1.000, 0.112, 0.112, 0.112, 0.112)},
+    'Adam': {0.01: (1.000, 1.000, 0.992, 0.112, 0.112, 0.112, 0.112),
+             0.001: (1.000, 1.000, 1.000, 0.984, 0.112, 0.112, 0.112),
+             0.0001: (0.996, 1.000, 1.000, 1.000, 0.112, 0.112, 0.112)},
+}
+AUTHORS_DEPTHS = (1, 5, 10, 20, 30, 40, 50)
 
 
-def init(key, depth, width, d_in=64, d_out=10):
-  """He-normal, bias-free; hidden matrices stacked along axis 0."""
-  ws = _common.init_mlp(key, _common.mlp_sizes(depth, width, d_in, d_out))
-  params = {'in': ws[0], 'out': ws[-1]}
-  if depth > 2:
-    params['hidden'] = jnp.stack(ws[1:-1])
-  return params
+def init(key, depth, kind, d_in=WIDTH, d_out=10):
+  """`depth` hidden layers and the output layer, each `x @ w + b`."""
+  sizes = [d_in] + [WIDTH] * depth + [d_out]
+  layers = []
+  for k, fan_in, fan_out in zip(jax.random.split(key, depth + 1), sizes[:-1],
+                                sizes[1:], strict=True):
+    kw, kb = jax.random.split(k)
+    bound = 1 / np.sqrt(fan_in)
+    if kind == 'authors':
+      w = jax.random.uniform(kw, (fan_in, fan_out), minval=-bound,
+                             maxval=bound)
+    else:
+      w = jax.random.normal(kw, (fan_in, fan_out)) * np.sqrt(2 / fan_in)
+    b = jax.random.uniform(kb, (fan_out,), minval=-bound, maxval=bound)
+    layers.append((w, b))
+  return {'hidden': {'w': jnp.stack([w for w, _ in layers[:-1]]),
+                     'b': jnp.stack([b for _, b in layers[:-1]])},
+          'out': {'w': layers[-1][0], 'b': layers[-1][1]}}
 
 
 def mlp(params, x):
-  x = jax.nn.relu(x @ params['in'])
-  if 'hidden' in params:
-    x, _ = jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x,
-                        params['hidden'])
-  return x @ params['out']
+  def layer(h, wb):
+    return jax.nn.relu(h @ wb[0] + wb[1]), None
+
+  h, _ = jax.lax.scan(layer, x, (params['hidden']['w'], params['hidden']['b']))
+  return h @ params['out']['w'] + params['out']['b']
 
 
-def layer_axes(params):
-  """Each slice of the stacked hidden leaf is one layer for Fromage."""
-  return {k: (0,) if k == 'hidden' else None for k in params}
+LAYER_AXES = fromage_jax.stacked_layer_axes('hidden')
 
 
 def optimizer(name, schedule):
   if name == 'Fromage':
-    return fromage_jax.fromage(schedule, layer_axes=layer_axes)
+    return fromage_jax.fromage(schedule, layer_axes=LAYER_AXES)
   if name == 'Adam':
     return optax.adam(schedule)
   return optax.sgd(schedule, momentum=0.9)
 
 
-def make_train(name, epochs, decay, x, y):
-  """A jitted `(lrs, params, batches) -> metrics`, vmapped over learning
-  rates (axis 0 of `lrs`) and seeds (axis 0 of `params` and `batches`)."""
-  steps_per_epoch = None
+def loss_and_acc(params, x, y):
+  logits = mlp(params, x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
-  def loss(params, xb, yb):
-    return _common.loss_fn(params, xb, yb, model=mlp)
+
+def make_train(name, steps_per_epoch, decay, x, y):
+  """A jitted `(lrs, params, batches) -> metrics`, vmapped over learning
+  rates (axis 0 of `lrs`) and runs (axis 0 of `params` and `batches`)."""
 
   def train_one(lr, params, batches):
     schedule = optax.exponential_decay(lr, steps_per_epoch, decay,
@@ -87,198 +129,340 @@ def make_train(name, epochs, decay, x, y):
 
     def step(carry, idx):
       params, state = carry
-      value, grads = jax.value_and_grad(loss)(params, x[idx], y[idx])
+      (_, acc), grads = jax.value_and_grad(loss_and_acc, has_aux=True)(
+          params, x[idx], y[idx])
       updates, state = tx.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), value
+      return (optax.apply_updates(params, updates), state), acc
 
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
-                                       batches)
-    return dict(acc=_common.accuracy(params, x, y, model=mlp),
-                loss=loss(params, x, y),
-                curve=losses.reshape(epochs, -1).mean(axis=1))
+    (params, _), accs = jax.lax.scan(step, (params, tx.init(params)),
+                                     batches)
+    loss, acc = loss_and_acc(params, x, y)
+    return dict(acc=acc, loss=loss,
+                last_epoch_acc=accs[-steps_per_epoch:].mean())
 
-  vm = jax.vmap(jax.vmap(train_one, in_axes=(None, 0, 0)),
-                in_axes=(0, None, None))
-  jitted = jax.jit(vm)
-
-  def call(lrs, params, batches):
-    nonlocal steps_per_epoch
-    steps_per_epoch = batches.shape[1] // epochs
-    return jitted(lrs, params, batches)
-
-  return call
+  return jax.jit(jax.vmap(jax.vmap(train_one, in_axes=(None, 0, 0)),
+                          in_axes=(0, None, None)))
 
 
-def seeded_inputs(seed, depth, width, epochs, batch_size, n):
-  """Init (from `key(seed)`) and shuffled batches (from `key(seed + 1000)`).
-
-  Made outside the compiled training: random draws inside a vmapped jit cost
-  much more compile time than the training itself at these sizes.
-  """
-  params = init(jax.random.key(seed), depth, width)
-  steps = n // batch_size
-  keys = jax.random.split(jax.random.key(seed + 1000), epochs)
-  batches = jnp.stack([jax.random.permutation(k, n)[: steps * batch_size]
-                       for k in keys]).reshape(epochs * steps, batch_size)
-  return params, batches
+@jax.jit
+def hidden_grad_norms(params, x, y):
+  """`||dL/dW_l||` of each hidden layer, full batch."""
+  grads = jax.grad(lambda p: loss_and_acc(p, x, y)[0])(params)
+  return jnp.sqrt(jnp.sum(jnp.square(grads['hidden']['w']), axis=(1, 2)))
 
 
-def run(depths, width, epochs, batch_size, seeds, decay, optimizers=None):
-  """Returns {(optimizer, depth): dict(acc=[lr, seed], loss=..., wall=...)}."""
+def decay_per_layer(norms):
+  """The factor by which `||dL/dW_l||` shrinks per layer toward the input:
+  `exp(slope)` of the least-squares line through `log ||g_l||` over the
+  layers whose gradient did not underflow to 0 in float32."""
+  layers = np.flatnonzero(norms > 0)
+  slope = np.polyfit(layers, np.log(norms[layers]), 1)[0]
+  return float(np.exp(slope))
+
+
+def batches_for(seed, n, steps, batch_size):
+  """Shuffled passes over the data (remainder dropped), `[steps, batch]`."""
+  rng = np.random.default_rng(seed + 1000)
+  per_pass = n // batch_size
+  passes = -(-steps // per_pass)
+  idx = np.concatenate([rng.permutation(n)[: per_pass * batch_size]
+                        for _ in range(passes)])
+  return idx.reshape(-1, batch_size)[:steps].astype(np.int32)
+
+
+def run(depths, epochs, steps_per_epoch, batch_size, seeds, decay, grad_depth,
+        optimizers=None):
+  """Returns (runs, grad_norms): `runs[(optimizer, depth)]` holds `acc`,
+  `loss` and `last_epoch_acc` shaped `[lr, init, seed]`; `grad_norms[init]`
+  is `[seed, layer]` at depth `grad_depth`."""
   x, y = _common.load_digits()
   optimizers = optimizers or LEARNING_RATES
+  steps = epochs * steps_per_epoch
+  batches = np.stack([batches_for(s, x.shape[0], steps, batch_size)
+                      for s in seeds])
+  batches = jnp.asarray(np.concatenate([batches] * len(INITS)))
   results = {}
   bar = tqdm(total=len(depths) * len(optimizers), desc=NAME, unit='run')
   for depth in depths:
-    inputs = [seeded_inputs(s, depth, width, epochs, batch_size, x.shape[0])
-              for s in seeds]
-    params = jax.tree.map(lambda *a: jnp.stack(a), *[p for p, _ in inputs])
-    batches = jnp.stack([b for _, b in inputs])
+    inits = [init(jax.random.key(s), depth, kind) for kind in INITS
+             for s in seeds]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *inits)
     for name, lrs in optimizers.items():
       start = time.perf_counter()
-      train = make_train(name, epochs, decay, x, y)
+      train = make_train(name, steps_per_epoch, decay, x, y)
       out = jax.device_get(train(jnp.asarray(lrs, jnp.float32), params,
                                  batches))
-      out = {k: np.asarray(v) for k, v in out.items()}
+      out = {k: np.asarray(v).reshape(len(lrs), len(INITS), len(seeds))
+             for k, v in out.items()}
       out['wall'] = time.perf_counter() - start
       out['lrs'] = tuple(lrs)
       results[(name, depth)] = out
       bar.set_postfix_str(f'{name} depth {depth}: best acc '
-                          f'{out["acc"].mean(1).max():.3f}')
+                          + ' / '.join(f'{best(out, i)[1]:.3f}'
+                                       for i in range(len(INITS))))
       bar.update()
   bar.close()
-  return results
+  grad_norms = {kind: np.stack([
+      np.asarray(hidden_grad_norms(init(jax.random.key(s), grad_depth, kind),
+                                   x, y)) for s in seeds]) for kind in INITS}
+  return results, grad_norms
 
 
-def best(result):
-  """(best lr, its mean training accuracy over seeds)."""
-  mean = result['acc'].mean(axis=1)
-  i = int(np.argmax(mean))
-  return result['lrs'][i], float(mean[i])
+def best(result, i, key='acc'):
+  """(best lr, mean over seeds, min, max) under init `i`, by mean `key`."""
+  mean = result[key][:, i].mean(axis=1)
+  j = int(np.argmax(mean))
+  vals = result[key][j, i]
+  return result['lrs'][j], float(mean[j]), float(vals.min()), float(vals.max())
 
 
-def plot(results, depths, path=None):
-  fig, axes = _common.figure(2, width=5.2, height=4.0)
-  ax_best, ax_fr = axes[0]
+def plot(results, grad_norms, depths, path=None):
+  fig, axes = _common.figure(3, width=4.6, height=3.9)
   names = list(dict.fromkeys(name for name, _ in results))
-  for name, marker in zip(names, 'osd', strict=False):
-    accs = [best(results[(name, d)])[1] for d in depths]
-    ax_best.plot(depths, accs, marker=marker, label=f'{name} (best lr)')
-  ax_best.set_xlabel('depth L (weight matrices)')
-  ax_best.set_ylabel('training accuracy')
-  ax_best.set_ylim(0, 1.02)
-  ax_best.set_title('best learning rate per depth')
-  ax_best.legend(fontsize=8)
-
-  lrs = results[('Fromage', depths[0])]['lrs']
-  colors = ['C3', 'C2', 'C0']
-  for i, (lr, c) in enumerate(zip(lrs, colors, strict=False)):
-    accs = [results[('Fromage', d)]['acc'][i].mean() for d in depths]
-    ax_fr.plot(depths, accs, 'o-', color=c, label=f'Fromage $\\eta$={lr:g}')
-  ax_fr.set_xlabel('depth L')
-  ax_fr.set_ylabel('training accuracy')
-  ax_fr.set_ylim(0, 1.02)
-  twin = ax_fr.twinx()
-  dense = np.linspace(min(depths), max(depths), 200)
-  twin.plot(dense, fromage_jax.descent_learning_rate_bound(dense), 'k--',
-            label=r"Lemma 2 bound $2^{1/L}-1$")
-  for lr, c in zip(lrs, colors, strict=False):
-    twin.axhline(lr, color=c, ls=':', lw=1)
-  twin.set_yscale('log')
-  twin.set_ylabel(r'$\eta$ (dotted: the three settings)')
-  twin.legend(fontsize=8, loc='lower left')
-  ax_fr.legend(fontsize=8, loc='center left')
-  ax_fr.set_title('Fromage per learning rate')
-  fig.suptitle('Figure 3 on digits: bias-free ReLU MLPs, no normalisation '
-               'or skips')
+  for i, title in enumerate(INITS.values()):
+    ax = axes[0][i]
+    for name, marker in zip(names, 'osd', strict=False):
+      stats = np.array([best(results[(name, d)], i)[1:] for d in depths])
+      line, = ax.plot(depths, stats[:, 0], marker=marker,
+                      label=f'{name} (best lr)')
+      ax.fill_between(depths, stats[:, 1], stats[:, 2], alpha=0.2,
+                      color=line.get_color())
+    ax.set_xlabel('L (hidden layers; L + 1 matrices)')
+    ax.set_ylabel('training accuracy')
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f'init: {title}', fontsize=10)
+    ax.legend(fontsize=8)
+  ax = axes[0][2]
+  for kind, title in INITS.items():
+    norms = grad_norms[kind]
+    # Gradients that underflowed to exactly 0 are left out (log scale).
+    rel = np.where(norms > 0, norms / norms[:, -1:], np.nan)
+    layers = np.arange(1, norms.shape[1] + 1)
+    factors = [decay_per_layer(n) for n in norms]
+    with warnings.catch_warnings():  # layers where every seed underflowed
+      warnings.simplefilter('ignore', RuntimeWarning)
+      line, = ax.plot(layers, np.exp(np.nanmean(np.log(rel), 0)),
+                      label=f'{title}: x{np.mean(factors):.2f} per layer')
+      ax.fill_between(layers, np.nanmin(rel, 0), np.nanmax(rel, 0),
+                      alpha=0.2, color=line.get_color())
+  ax.set_yscale('log')
+  ax.set_xlabel(f'hidden layer l (of {norms.shape[1]})')
+  ax.set_ylabel(r'$\|\partial L/\partial W_l\| / \|\partial L/\partial W_L\|$')
+  ax.set_title('gradient norm per layer at init', fontsize=10)
+  ax.legend(fontsize=8)
+  fig.suptitle('Figure 3 on digits, the authors\' protocol: best learning '
+               'rate per depth (band: min-max over seeds)')
   fig.tight_layout()
   if path:
     fig.savefig(path, dpi=110)
   return fig
 
 
-def summary(results, depths) -> str:
-  names = list(dict.fromkeys(name for name, _ in results))
+def table(results, depths, i, key='acc') -> list:
   head = ' | '.join(f'{d}' for d in depths)
-  lines = ['Training accuracy (mean over seeds) after the last epoch, per '
-           'learning rate; **bold** = best per depth for that optimizer; '
-           '"nan" marks a diverged run (non-finite loss, accuracy counted as '
-           'measured).', '',
-           f'| optimizer | lr | {head} |',
+  lines = [f'| optimizer | lr | {head} |',
            '| --- | ---: |' + ' ---: |' * len(depths)]
-  for name in names:
-    lrs = results[(name, depths[0])]['lrs']
-    for i, lr in enumerate(lrs):
+  for name in dict.fromkeys(name for name, _ in results):
+    for j, lr in enumerate(results[(name, depths[0])]['lrs']):
       cells = []
       for d in depths:
         r = results[(name, d)]
-        acc = r['acc'][i].mean()
-        cell = f'{acc:.3f}'
-        if not np.all(np.isfinite(r['loss'][i])):
+        vals = r[key][j, i]
+        cell = f'{vals.mean():.3f} ({vals.min():.2f}-{vals.max():.2f})'
+        if not np.all(np.isfinite(r['loss'][j, i])):
           cell += ' nan'
-        if best(r)[0] == lr:
+        if best(r, i, key)[0] == lr:
           cell = f'**{cell}**'
         cells.append(cell)
       lines.append(f'| {name} | {lr:g} | ' + ' | '.join(cells) + ' |')
-  bound = np.asarray(fromage_jax.descent_learning_rate_bound(
-      np.asarray(depths)))
-  lines += ['', '| Lemma 2 bound (1+1)^(1/L)-1 | | '
-            + ' | '.join(f'{b:.3g}' for b in bound) + ' |', '',
-            'Wall time per (optimizer, depth), all learning rates and seeds '
-            'vmapped, compile included (s):', '',
-            f'| optimizer | {head} |', '| --- |' + ' ---: |' * len(depths)]
+  return lines
+
+
+def deepest_trained(accs, depths, threshold=0.9):
+  """The largest depth up to which every accuracy exceeds `threshold`."""
+  out = None
+  for d, a in zip(depths, accs, strict=True):
+    if a <= threshold:
+      break
+    out = d
+  return out
+
+
+def findings(results, grad_norms, depths) -> list:
+  names = list(dict.fromkeys(name for name, _ in results))
+  lines = []
+  for i, title in enumerate(INITS.values()):
+    parts = []
+    for name in names:
+      accs = [best(results[(name, d)], i)[1] for d in depths]
+      lr, mean, lo, hi = best(results[(name, depths[-1])], i)
+      parts.append(f'{name} up to L = {deepest_trained(accs, depths)} '
+                   f'(at L = {depths[-1]}: {mean:.3f}, seeds {lo:.2f}-'
+                   f'{hi:.2f}, lr {lr:g})')
+    lines.append(f'- Init {title}: best-lr accuracy above 0.9 at every depth '
+                 f'for ' + '; '.join(parts) + '.')
+  deepest = depths[-1]
+  for i, title in enumerate(INITS.values()):
+    at = {name: best(results[(name, deepest)], i)[1] for name in names}
+    others = max(v for k, v in at.items() if k != 'Fromage')
+    verdict = ('held' if at['Fromage'] > others + 0.05 else 'did not hold'
+               if at['Fromage'] < others - 0.05 else 'was a tie (within 0.05)')
+    lines.append(f'- Figure 3\'s claim, that Fromage at its best learning rate '
+                 f'trains deep networks SGD and Adam at theirs cannot, '
+                 f'{verdict} at L = {deepest} under {title}: '
+                 + ', '.join(f'{k} {v:.3f}' for k, v in at.items()) + '.')
+  authors = []
   for name in names:
+    accs = np.max(list(AUTHORS_LOGS[name].values()), axis=0)
+    authors.append(f'{name} up to L = '
+                   f'{deepest_trained(accs, AUTHORS_DEPTHS)} (at L = 50: '
+                   f'{accs[-1]:.3f})')
+  lines.append('- The authors\' logs (MNIST, width 784, 24,000 steps, one '
+               'seed, their last-epoch minibatch metric, best of the three '
+               'learning rates at our depths): ' + '; '.join(authors) + '.')
+  for kind, title in INITS.items():
+    norms = grad_norms[kind]
+    factors = [decay_per_layer(n) for n in norms]
+    lines.append(f'- Gradient norm at init, L = {norms.shape[1]}, full batch: '
+                 f'under {title} `||dL/dW_l||` shrinks by '
+                 f'x{np.mean(factors):.2f} per layer from the output toward '
+                 f'the input (seeds {min(factors):.2f}-{max(factors):.2f}); '
+                 f'last hidden layer {np.median(norms[:, -1]):.2g}, first '
+                 f'{np.median(norms[:, 0]):.2g} (medians over seeds); '
+                 f'{np.sum(norms == 0) / len(norms):.1f} of the '
+                 f'{norms.shape[1]} hidden layers (mean over seeds) have a '
+                 f'gradient that underflows to exactly 0 in float32, and '
+                 f'{np.sum(norms / WIDTH < ADAM_EPS) / len(norms):.1f} a root-'
+                 f'mean-square gradient entry below Adam\'s epsilon '
+                 f'{ADAM_EPS:g}.')
+  return lines
+
+
+def summary(results, grad_norms, depths) -> str:
+  lines = ['## Findings', ''] + findings(results, grad_norms, depths)
+  for i, title in enumerate(INITS.values()):
+    lines += ['', f'## Init: {title}', '',
+              'Full-batch training accuracy after the last step: mean over '
+              'seeds (min-max); **bold** = best learning rate per depth; '
+              '"nan" = a seed diverged (non-finite loss; its accuracy counted '
+              'as measured).', ''] + table(results, depths, i)
+    lines += ['', 'The authors\' metric (mean minibatch accuracy over the '
+              'last epoch), best learning rate per depth: mean over seeds '
+              '(min-max):', '',
+              '| optimizer | ' + ' | '.join(f'{d}' for d in depths) + ' |',
+              '| --- |' + ' ---: |' * len(depths)]
+    for name in dict.fromkeys(name for name, _ in results):
+      cells = []
+      for d in depths:
+        lr, mean, lo, hi = best(results[(name, d)], i, 'last_epoch_acc')
+        cells.append(f'{mean:.3f} ({lo:.2f}-{hi:.2f}) @ {lr:g}')
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  head = ' | '.join(f'{d}' for d in AUTHORS_DEPTHS)
+  lines += ['', '## The authors\' logs', '',
+            'From jxbz/fromage `make-plots/logs/mnist-depth/100_epochs/`: '
+            'mean minibatch training accuracy over the last of 100 epochs '
+            '(MNIST, width 784, batch 250), one seed per run:', '',
+            f'| optimizer | lr | {head} |',
+            '| --- | ---: |' + ' ---: |' * len(AUTHORS_DEPTHS)]
+  for name, by_lr in AUTHORS_LOGS.items():
+    for lr, accs in by_lr.items():
+      lines.append(f'| {name} | {lr:g} | '
+                   + ' | '.join(f'{a:.3f}' for a in accs) + ' |')
+  lines += ['', 'Wall time per (optimizer, depth), all learning rates, seeds '
+            'and both inits vmapped, compile included (s):', '',
+            '| optimizer | ' + ' | '.join(f'{d}' for d in depths) + ' |',
+            '| --- |' + ' ---: |' * len(depths)]
+  for name in dict.fromkeys(name for name, _ in results):
     lines.append(f'| {name} | '
                  + ' | '.join(f'{results[(name, d)]["wall"]:.1f}'
                               for d in depths) + ' |')
   return '\n'.join(lines)
 
 
+PROTOCOL = """\
+## The authors' protocol and ours
+
+| | the authors (`classify-mnist/depth.ipynb`) | here |
+| --- | --- | --- |
+| data | MNIST, 60,000 images, normalised by its global mean and std | scikit-learn's digits (offline), 1,797 images, standardised per pixel |
+| width | 784 (the input size) | 64 (the input size) |
+| depth L | hidden 784x784 layers (1 to 50), plus the output layer: L + 1 matrices | the same count, {depths} |
+| layers | `nn.Linear`: weight and bias on every layer; ReLU | the same |
+| init | PyTorch's default: weights and biases from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weight variance 1/(3 fan_in)) | the same, and a second run with He-normal weights N(0, 2/fan_in) (biases unchanged) |
+| Fromage | each weight and each bias tensor a layer | the same (stacked leaves with `layer_axes`; each slice a layer) |
+| optimizers, grids | Fromage {{0.1, 0.01, 0.001}}, SGD momentum 0.9 {{1, 0.1, 0.01}}, Adam {{1e-2, 1e-3, 1e-4}} (PyTorch defaults otherwise) | the same (optax's defaults agree: Adam eps 1e-8, SGD momentum without dampening) |
+| budget | 100 epochs of 240 steps (24,000), batch 250 | {epochs} "epochs" of {spe} steps ({steps:,}), batch 250 ({passes:.0f} passes over the digits) |
+| decay | x0.95 per epoch | x0.95 per "epoch" ({spe} steps): the same 100-stage schedule |
+| seeds | one per run (a new seed for every depth and learning rate) | {seeds} seeds, the same for every optimizer and learning rate |
+| metric | mean minibatch accuracy of the last epoch; the plot takes, at each step, the best of the three learning rates, and fits a line through Fromage's 10 deepest points (figure 3 right: three points set by hand) | full-batch training accuracy after the last step, best learning rate by mean over seeds; the authors' metric beside it |
+
+Why the init decides it: PyTorch's default init has weight variance
+1/(3 fan_in), a sixth of what keeps a ReLU layer's signal level (2/fan_in), so
+the forward signal shrinks by about sqrt(6) per layer until the biases
+dominate it, and the backward signal keeps shrinking all the way down: the
+gradient of the first layers of a deep net is tiny (below float32's range
+at L = 50). SGD's step is proportional to the gradient, so those layers do
+not move; Adam's, `m / (sqrt(v) + eps)`, is about lr wherever the gradient
+is well above eps = 1e-8, but shrinks in proportion to it below that.
+Fromage moves every layer by eta relative to its norm whatever its
+gradient's size (a layer whose gradient is exactly 0 only shrinks by
+`1/sqrt(1+eta^2)`), so it can still train. He-normal init keeps the
+gradient level across layers, so all three start on equal terms.
+"""
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   _common.add_common_args(parser)
-  parser.add_argument('--epochs', type=int, default=None,
-                      help='override the mode\'s epoch count')
+  parser.add_argument('--steps-per-epoch', type=int, default=None,
+                      help='override the mode\'s steps per "epoch"')
   args = parser.parse_args(argv)
   cfg = dict(QUICK if args.quick else FULL)
-  if args.epochs:
-    cfg['epochs'] = args.epochs
+  if args.steps_per_epoch:
+    cfg['steps_per_epoch'] = args.steps_per_epoch
   start = time.perf_counter()
-  results = run(**cfg)
+  results, grad_norms = run(**cfg)
   wall = time.perf_counter() - start
   os.makedirs(args.out, exist_ok=True)
   png = os.path.join(args.out, f'{NAME}.png')
-  plot(results, cfg['depths'], png)
-  spe = 1797 // cfg['batch_size']
+  plot(results, grad_norms, cfg['depths'], png)
+  steps = cfg['epochs'] * cfg['steps_per_epoch']
+  protocol = PROTOCOL.format(
+      depths=list(cfg['depths']), epochs=cfg['epochs'],
+      spe=cfg['steps_per_epoch'], steps=steps,
+      passes=steps * cfg['batch_size'] / 1797, seeds=len(cfg['seeds']))
   settings = (
-      f'Mode: {"quick" if args.quick else "full"}. Depths '
-      f'{list(cfg["depths"])}, width {cfg["width"]}, bias-free ReLU MLPs, '
-      f'He-normal init, no normalisation or skip connections; all 1,797 '
-      f'digits (standardised) as training set, batch {cfg["batch_size"]} '
-      f'({spe} steps per epoch, remainder dropped), {cfg["epochs"]} epochs '
-      f'({cfg["epochs"] * spe} steps); learning rate times {cfg["decay"]} '
-      f'every epoch; seeds {list(cfg["seeds"])} (init from '
-      f'`jax.random.key(seed)`, shuffles from `key(seed + 1000)`; the same '
-      f'init and batches for every optimizer and learning rate); accuracy = full-batch training accuracy '
-      f'after the last epoch, averaged over seeds. Fromage = '
-      f'`fromage_jax.fromage(schedule, layer_axes=...)`, SGD = '
-      f'`optax.sgd(schedule, momentum=0.9)`, Adam = `optax.adam(schedule)`.'
-      f'\n\nMachine: {_common.machine()}. Total wall time: {wall:.1f} s.')
-  body = f'{settings}\n\n{summary(results, cfg["depths"])}\n'
+      f'Mode: {"quick" if args.quick else "full"}. Seeds '
+      f'{list(cfg["seeds"])}: init from `jax.random.key(seed)`, shuffles from '
+      f'`numpy.random.default_rng(seed + 1000)`, the same for every optimizer '
+      f'and learning rate (both inits share the shuffles). Fromage = '
+      f'`fromage_jax.fromage(schedule, layer_axes=stacked_layer_axes('
+      f'"hidden"))`, SGD = `optax.sgd(schedule, momentum=0.9)`, Adam = '
+      f'`optax.adam(schedule)`, schedule = `optax.exponential_decay(lr, '
+      f'{cfg["steps_per_epoch"]}, {cfg["decay"]}, staircase=True)`.\n\n'
+      f'Machine: {_common.machine()}. Total wall time: {wall:.1f} s '
+      f'({wall / 60:.1f} min).')
+  body = (f'{settings}\n\n{protocol}\n'
+          f'{summary(results, grad_norms, cfg["depths"])}\n')
   md = _common.write_markdown(args.out, NAME, 'Figure 3: training accuracy '
                               'against depth (digits)', body)
   if args.json:
     runs = {}
     for (name, d), r in results.items():
       runs.setdefault(name, {})[d] = dict(
-          lrs=r['lrs'], acc=r['acc'], loss=r['loss'], wall=r['wall'],
-          best_lr=best(r)[0], best_acc=best(r)[1])
+          lrs=r['lrs'], acc=r['acc'], loss=r['loss'],
+          last_epoch_acc=r['last_epoch_acc'], wall=r['wall'],
+          best={kind: dict(zip(('lr', 'mean', 'min', 'max'), best(r, i),
+                               strict=True))
+                for i, kind in enumerate(INITS)})
     _common.write_json(args.json, dict(
-        config=cfg, wall=wall, runs=runs,
-        bound={d: float(fromage_jax.descent_learning_rate_bound(d))
-               for d in cfg['depths']}))
+        config=cfg, wall=wall, inits=list(INITS), runs=runs,
+        grad_norms=grad_norms,
+        decay_per_layer={k: [decay_per_layer(n) for n in v]
+                         for k, v in grad_norms.items()}))
   print(f'{body}\nwrote {png} and {md}')
-  return dict(results=results, config=cfg, wall=wall, png=png, md=md)
+  return dict(results=results, grad_norms=grad_norms, config=cfg, wall=wall,
+              png=png, md=md)
 
 
 if __name__ == '__main__':
