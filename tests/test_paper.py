@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from benchmarks.paper import depth as depth_script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -76,9 +78,14 @@ def growth(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def depth(tmp_path_factory):
-  return run_quick('depth', tmp_path_factory.mktemp('depth'),
-                   cache_dir(tmp_path_factory))
+def depth_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('depth')
+  return run_quick('depth', out, cache_dir(tmp_path_factory)), out
+
+
+@pytest.fixture(scope='module')
+def depth(depth_run):
+  return depth_run[0]
 
 
 def test_perturbation_gradient_change_grows_with_eta(perturbation):
@@ -171,6 +178,12 @@ def test_depth_authors_init_starves_the_input_layers(depth):
   deepest = str(depth['config']['depths'][-1])
   sgd = np.asarray(depth['runs']['SGD (momentum 0.9)'][deepest]['acc'])[2]
   assert sgd[1].mean() > sgd[0].mean() + 0.3
+
+
+def test_depth_render_from_json_gives_the_same_markdown(depth_run, tmp_path):
+  data, out = depth_run
+  _, md, _ = depth_script.render(data, str(tmp_path))
+  assert pathlib.Path(md).read_text() == (out / 'depth.md').read_text()
 
 
 @pytest.mark.parametrize('name', ['perturbation', 'growth', 'depth',

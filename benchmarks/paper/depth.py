@@ -23,6 +23,7 @@ inits of one (optimizer, depth) are `jax.vmap`-ed and the steps
 """
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -411,58 +412,85 @@ gradient level across layers, so all three start on equal terms.
 """
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser)
-  parser.add_argument('--steps-per-epoch', type=int, default=None,
-                      help='override the mode\'s steps per "epoch"')
-  args = parser.parse_args(argv)
-  cfg = dict(QUICK if args.quick else FULL)
-  if args.steps_per_epoch:
-    cfg['steps_per_epoch'] = args.steps_per_epoch
-  start = time.perf_counter()
-  results, grad_norms = run(**cfg)
-  wall = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, f'{NAME}.png')
-  plot(results, grad_norms, cfg['depths'], png)
+def to_data(results, grad_norms, cfg, wall, mode) -> dict:
+  """A run as plain values: what `--json` writes and `render` reads."""
+  runs = {}
+  for (name, d), r in results.items():
+    runs.setdefault(name, {})[d] = dict(
+        lrs=r['lrs'], acc=r['acc'], loss=r['loss'],
+        last_epoch_acc=r['last_epoch_acc'], wall=r['wall'],
+        best={kind: dict(zip(('lr', 'mean', 'min', 'max'), best(r, i),
+                             strict=True))
+              for i, kind in enumerate(INITS)})
+  return dict(mode=mode, machine=_common.machine(), config=cfg, wall=wall,
+              inits=list(INITS), runs=runs, grad_norms=grad_norms,
+              decay_per_layer={k: [decay_per_layer(n) for n in v]
+                               for k, v in grad_norms.items()})
+
+
+def render(data: dict, out: str) -> tuple[str, str, str]:
+  """Writes `depth.png` and `depth.md` into `out` from a run's data (or its
+  JSON); returns their paths and the Markdown body."""
+  cfg, wall = data['config'], data['wall']
+  results = {(name, int(d)): dict(
+      lrs=tuple(r['lrs']), wall=r['wall'],
+      **{k: np.asarray(r[k], dtype=float)
+         for k in ('acc', 'loss', 'last_epoch_acc')})
+             for name, by_depth in data['runs'].items()
+             for d, r in by_depth.items()}
+  grad_norms = {k: np.asarray(v, dtype=float)
+                for k, v in data['grad_norms'].items()}
+  depths = list(cfg['depths'])
+  os.makedirs(out, exist_ok=True)
+  png = os.path.join(out, f'{NAME}.png')
+  plot(results, grad_norms, depths, png)
   steps = cfg['epochs'] * cfg['steps_per_epoch']
   protocol = PROTOCOL.format(
-      depths=list(cfg['depths']), epochs=cfg['epochs'],
-      spe=cfg['steps_per_epoch'], steps=steps,
-      passes=steps * cfg['batch_size'] / 1797, seeds=len(cfg['seeds']))
+      depths=depths, epochs=cfg['epochs'], spe=cfg['steps_per_epoch'],
+      steps=steps, passes=steps * cfg['batch_size'] / 1797,
+      seeds=len(cfg['seeds']))
   settings = (
-      f'Mode: {"quick" if args.quick else "full"}. Seeds '
-      f'{list(cfg["seeds"])}: init from `jax.random.key(seed)`, shuffles from '
+      f'Mode: {data["mode"]}. Seeds {list(cfg["seeds"])}: init from '
+      f'`jax.random.key(seed)`, shuffles from '
       f'`numpy.random.default_rng(seed + 1000)`, the same for every optimizer '
       f'and learning rate (both inits share the shuffles). Fromage = '
       f'`fromage_jax.fromage(schedule, layer_axes=stacked_layer_axes('
       f'"hidden"))`, SGD = `optax.sgd(schedule, momentum=0.9)`, Adam = '
       f'`optax.adam(schedule)`, schedule = `optax.exponential_decay(lr, '
       f'{cfg["steps_per_epoch"]}, {cfg["decay"]}, staircase=True)`.\n\n'
-      f'Machine: {_common.machine()}. Total wall time: {wall:.1f} s '
+      f'Machine: {data["machine"]}. Total wall time: {wall:.1f} s '
       f'({wall / 60:.1f} min).')
-  body = (f'{settings}\n\n{protocol}\n'
-          f'{summary(results, grad_norms, cfg["depths"])}\n')
-  md = _common.write_markdown(args.out, NAME, 'Figure 3: training accuracy '
+  body = f'{settings}\n\n{protocol}\n{summary(results, grad_norms, depths)}\n'
+  md = _common.write_markdown(out, NAME, 'Figure 3: training accuracy '
                               'against depth (digits)', body)
-  if args.json:
-    runs = {}
-    for (name, d), r in results.items():
-      runs.setdefault(name, {})[d] = dict(
-          lrs=r['lrs'], acc=r['acc'], loss=r['loss'],
-          last_epoch_acc=r['last_epoch_acc'], wall=r['wall'],
-          best={kind: dict(zip(('lr', 'mean', 'min', 'max'), best(r, i),
-                               strict=True))
-                for i, kind in enumerate(INITS)})
-    _common.write_json(args.json, dict(
-        config=cfg, wall=wall, inits=list(INITS), runs=runs,
-        grad_norms=grad_norms,
-        decay_per_layer={k: [decay_per_layer(n) for n in v]
-                         for k, v in grad_norms.items()}))
+  return png, md, body
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  _common.add_common_args(parser)
+  parser.add_argument('--steps-per-epoch', type=int, default=None,
+                      help='override the mode\'s steps per "epoch"')
+  parser.add_argument('--render', metavar='JSON', default=None,
+                      help='write the Markdown and PNG from the --json file '
+                      'of an earlier run instead of training')
+  args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      data = json.load(f)
+  else:
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.steps_per_epoch:
+      cfg['steps_per_epoch'] = args.steps_per_epoch
+    start = time.perf_counter()
+    results, grad_norms = run(**cfg)
+    data = to_data(results, grad_norms, cfg, time.perf_counter() - start,
+                   'quick' if args.quick else 'full')
+    if args.json:
+      _common.write_json(args.json, data)
+  png, md, body = render(data, args.out)
   print(f'{body}\nwrote {png} and {md}')
-  return dict(results=results, grad_norms=grad_norms, config=cfg, wall=wall,
-              png=png, md=md)
+  return dict(data=data, png=png, md=md)
 
 
 if __name__ == '__main__':
