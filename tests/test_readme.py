@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import fromage_jax
+from fromage_jax import demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
@@ -113,6 +114,16 @@ def test_results_figures_come_from_the_files_they_cite():
   prose = '\n'.join(line for line in section('Results').splitlines()
                     if not line.startswith('|'))
   assert not figures(prose)
+
+
+def test_committed_demo_table_is_the_current_demos():
+  # The README quotes the committed demo table: it must be the table the demo
+  # writes today (same columns, same optimizers), not an older layout.
+  committed = (ROOT / 'docs' / '_results' / 'demo' / 'demo_results.md')
+  text = committed.read_text()
+  assert demo.table({}) in text
+  names = set(re.findall(r'^\| `([^`]+)` \|', text, re.M))
+  assert names == set(demo.optimizers(steps_per_epoch=22))
 
 
 def test_readme_links_point_to_files_that_exist():
