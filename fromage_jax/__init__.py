@@ -8,7 +8,6 @@ from fromage_jax._src.alias import fromage
 from fromage_jax._src.diagnostics import deep_relative_trust
 from fromage_jax._src.diagnostics import descent_learning_rate_bound
 from fromage_jax._src.diagnostics import relative_update_norms
-from fromage_jax._src.fused import FromageState
 from fromage_jax._src.plateau import FromageOnPlateauState
 from fromage_jax._src.plateau import fromage_on_plateau
 from fromage_jax._src.stacking import stacked_layer_axes
@@ -22,7 +21,6 @@ __version__ = '0.1.0'
 
 __all__ = (
     'FromageOnPlateauState',
-    'FromageState',
     'NormClipToInitState',
     'PrefactorCorrectionState',
     'deep_relative_trust',

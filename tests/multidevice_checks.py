@@ -279,7 +279,7 @@ def train_jit(mesh, param_specs, *, seed=0, steps=STEPS, out_shardings=False,
   init_sh = jax.tree.map(lambda a: a.sharding, states)
   kwargs = {}
   if out_shardings:
-    # Every leaf of a FromageState is a scalar or per-layer norms (size 1 on
+    # Every leaf of fromage's state is a scalar or per-layer norms (size 1 on
     # the non-layer axes): replicated.
     state_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), states)
     kwargs['out_shardings'] = (param_sh, state_sh)
@@ -327,7 +327,8 @@ def check_jit_fsdp(name):
     # The state leaves that mirror params (init_norms) are per-layer norms,
     # size 1 on every non-layer axis: nothing to split; they are replicated
     # over the mesh at init and after every step.
-    norms = jax.tree.leaves(init_sh['fromage_p_bound'].init_norms)
+    norms = jax.tree.leaves(
+        init_sh['fromage_p_bound']['norm_clip_to_init'].init_norms)
     if not all(s.is_fully_replicated for s in norms):
       raise AssertionError(f'init_norms not replicated at init: {norms}')
     for leaf in jax.tree.leaves(out[1]):
@@ -339,11 +340,14 @@ def check_jit_fsdp(name):
     details.append(f'{label}: ' + compare_to_reference(to_numpy(out), ref,
                                                         params0))
   state = init_sh['fromage_p_bound']
+  count = state['prefactor_correction'].count
+  init_norms = state['norm_clip_to_init'].init_norms
   shapes = sorted({tuple(np.shape(a)) for a in jax.tree.leaves(
-      optimizers()['fromage_p_bound'].init(params0).init_norms)})
+      optimizers()['fromage_p_bound'].init(params0)['norm_clip_to_init']
+      .init_norms)})
   return ('kernels P(None, "data"), biases P("data"); params keep it; '
-          f'jit(init) gives count {describe(state.count)}, init_norms '
-          f'(shapes {shapes}) {describe(jax.tree.leaves(state.init_norms)[0])};'
+          f'jit(init) gives count {describe(count)}, init_norms '
+          f'(shapes {shapes}) {describe(jax.tree.leaves(init_norms)[0])};'
           ' ' + '; '.join(details))
 
 

@@ -98,7 +98,7 @@ def test_nnx_optimizer_step_equals_plain_optax_update():
   # The zero-initialised biases moved (they would not with optax.fromage).
   assert np.all(np.abs(np.asarray(model.l1.bias[...])) > 0)
   assert int(optimizer.step[...]) == 1
-  assert int(nnx.as_pure(optimizer.opt_state).count) == 1
+  assert int(nnx.as_pure(optimizer.opt_state)['prefactor_correction'].count) == 1
 
 
 def test_nnx_optimizer_trains_under_nnx_jit():
@@ -270,7 +270,7 @@ def test_stacked_nnx_with_p_bound_keeps_one_init_norm_per_block():
       ETA, p_bound=1.5, layer_axes=fromage_jax.stacked_layer_axes('blocks')
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  init_norms = nnx.as_pure(optimizer.opt_state).init_norms
+  init_norms = nnx.as_pure(optimizer.opt_state)['norm_clip_to_init'].init_norms
   kernel = np.asarray(init_norms['blocks']['lin']['kernel']).ravel()
   w = np.asarray(model.blocks.lin.kernel[...])
   np.testing.assert_allclose(

@@ -518,8 +518,9 @@ def rosenbrock():
   return initial, final, lambda p: (a - p[0]) ** 2 + b * (p[1] - p[0] ** 2) ** 2
 
 
-def optimize(opt, target, n, with_value=False):
+def optimize(opt, target, n, with_value=False, dtype=jnp.float32):
   initial, final, objective = target()
+  initial = initial.astype(dtype)
 
   def body(carry, _):
     p, s = carry
@@ -530,7 +531,7 @@ def optimize(opt, target, n, with_value=False):
 
   run = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=n)[0])
   p, _ = run(initial, opt.init(initial))
-  return float(jnp.max(jnp.abs(p - final)))
+  return float(jnp.max(jnp.abs(p.astype(jnp.float32) - final)))
 
 
 def test_parabola_fixed_eta_reaches_eta_scaled_neighbourhood():

@@ -370,9 +370,9 @@ def test_fromage_is_exactly_the_chain():
 
 
 @pytest.mark.parametrize('p_bound', [None, 1.05])
-def test_layers_either_side_of_the_fused_reduction_threshold(p_bound):
-  # fromage() sums small layers in one variadic reduction and large ones
-  # (4096 elements and up) separately; both paths, with and without stacking.
+def test_layers_of_many_sizes_stacked_or_not(p_bound):
+  # Small and large layers (XLA reduces them with different kernels), zero
+  # layers and sub-stacks, with and without stacking.
   rng = np.random.default_rng(19)
   stack = _rand(rng, (3, 64, 64))
   stack[1] = 0

@@ -5,6 +5,7 @@ import optax
 
 from fromage_jax._src import fused
 from fromage_jax._src import layers
+from fromage_jax._src import transform
 
 
 def fromage(
@@ -13,7 +14,7 @@ def fromage(
     p_bound: float | None = None,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Frobenius matched gradient descent (Fromage).
 
   Every layer `W` with gradient `g` becomes
@@ -28,13 +29,18 @@ def fromage(
   leaves them frozen. With `p_bound`, each layer's norm is kept within
   `p_bound` times its norm at `init`.
 
-  The update is that of `optax.chain(scale_by_frobenius_ratio(),
-  optax.scale_by_learning_rate(learning_rate),
-  prefactor_correction(learning_rate), norm_clip_to_init(p_bound))` (the last
-  only when `p_bound` is given), computed in one fused pass per layer: one
-  reduction over `W` and `g`, one elementwise update, no temporaries; the
-  chain agrees to float rounding. For the paper's "divide eta by 10 on
-  plateau", use :func:`fromage_on_plateau`.
+  It is the chain `optax.named_chain` of :func:`scale_by_frobenius_ratio`,
+  :func:`optax.scale_by_learning_rate`, :func:`prefactor_correction` and,
+  when `p_bound` is given, :func:`norm_clip_to_init`, each under its own
+  name. With `p_bound`, the chain's update is computed in one elementwise
+  pass after the norms instead of two (the same update, to float rounding,
+  and the same state; measured faster on the CPU, see `_src/fused.py`). For the paper's "divide eta by 10 on plateau",
+  use :func:`fromage_on_plateau`.
+
+  Gradients may have another floating dtype than their params (bf16 params
+  with f32 gradients, or the reverse): norms and arithmetic run in float32 at
+  least (float64 if either is), and the update has the params' dtype.
+  Complex params are supported, with `|z|**2` norms.
 
   Args:
     learning_rate: `eta`, a non-negative float or an optax schedule of the
@@ -47,9 +53,18 @@ def fromage(
       leaves are sharded; see :func:`scale_by_frobenius_ratio`.
 
   Returns:
-    The corresponding :class:`optax.GradientTransformation`, whose state is a
-    :class:`FromageState` (an update count, and one norm per layer with
-    `p_bound`). Its `update` requires `params`.
+    The corresponding :class:`optax.GradientTransformationExtraArgs`, whose
+    state is the chain's: a dict from the transforms' names to their states
+    (`state['prefactor_correction'].count`, the updates made so far, and
+    with `p_bound` `state['norm_clip_to_init'].init_norms`, one norm per
+    layer). Its `update` requires `params` and ignores extra keyword
+    arguments (`value=`, ...).
+
+  Raises:
+    TypeError: if `learning_rate` is `None` or not a number or schedule, or
+      `p_bound` is not a number.
+    ValueError: if `learning_rate` is negative or not finite, or `p_bound` is
+      not finite and > 0.
 
   Examples:
     >>> import jax
@@ -76,5 +91,18 @@ def fromage(
   layers.check_hyperparameter(
       learning_rate, 'learning_rate', allow_callable=True
   )
-  layers.check_hyperparameter(p_bound, 'p_bound', positive=True)
-  return fused.fused_fromage(learning_rate, p_bound, layer_axes, axis_name)
+  layers.check_hyperparameter(
+      p_bound, 'p_bound', positive=True, allow_none=True
+  )
+  parts = [
+      ('scale_by_frobenius_ratio', transform.scale_by_frobenius_ratio(
+          layer_axes=layer_axes, axis_name=axis_name)),
+      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
+      ('prefactor_correction', transform.prefactor_correction(learning_rate)),
+  ]
+  if p_bound is None:
+    return optax.named_chain(*parts)
+  parts.append(('norm_clip_to_init', transform.norm_clip_to_init(
+      p_bound, layer_axes=layer_axes, axis_name=axis_name)))
+  # The same chain; its update computed in one pass (see `fused`).
+  return fused.fuse_clip(parts, learning_rate, p_bound, layer_axes, axis_name)

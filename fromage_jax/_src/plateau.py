@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax import contrib
 
@@ -14,9 +15,30 @@ from fromage_jax._src import layers
 class FromageOnPlateauState(NamedTuple):
   """State of :func:`fromage_on_plateau`."""
 
-  count: jax.Array  # shape=(), dtype=jnp.int32: updates made so far.
   plateau: contrib.ReduceLROnPlateauState  # .scale: the current decay factor.
-  fromage: optax.OptState  # the state of the wrapped `fromage` chain.
+  # fromage inside optax.inject_hyperparams: .count (int32, updates made so
+  # far), .hyperparams['learning_rate'] (float32, the last step's eta_t).
+  fromage: optax.InjectHyperparamsState
+
+  @property
+  def count(self) -> jax.Array:
+    """Updates made so far (int32, shape ())."""
+    return self.fromage.count
+
+
+def _check_int(value, name: str, low: int) -> None:
+  if isinstance(value, jax.core.Tracer):  # from inject_hyperparams
+    return
+  if isinstance(value, (bool, np.bool_)) or not jnp.issubdtype(
+      np.result_type(value), jnp.integer) or np.ndim(value):
+    raise TypeError(f'{name} must be an int, got {value!r}.')
+  if value < low:
+    raise ValueError(f'{name} must be >= {low}, got {value!r}.')
+
+
+def _check_range(value, name: str, ok, want: str) -> None:
+  if not isinstance(value, jax.core.Tracer) and not ok(value):
+    raise ValueError(f'{name} must be in {want}, got {value!r}.')
 
 
 def fromage_on_plateau(
@@ -36,8 +58,10 @@ def fromage_on_plateau(
   """Fromage whose learning rate is multiplied by `factor` on a loss plateau.
 
   The plateau logic is :func:`optax.contrib.reduce_on_plateau`'s (same
-  arguments); the resulting scale `s` multiplies `eta` itself, so that step and
-  prefactor both use `eta_t = s * learning_rate(count)`:
+  arguments), and :func:`fromage` runs inside
+  :func:`optax.inject_hyperparams`: each step, the plateau's scale `s`
+  multiplies `eta` itself, which is injected as fromage's learning rate, so
+  that step and prefactor both use `eta_t = s * learning_rate(count)`:
   `W' = (W - eta_t ||W||/||g|| g) / sqrt(1 + eta_t**2)`.
 
   Chaining `reduce_on_plateau` after :func:`fromage` is *not* the same: it
@@ -61,7 +85,16 @@ def fromage_on_plateau(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`; pass the loss as
-    `update(grads, state, params, value=loss)`.
+    `update(grads, state, params, value=loss)`. Its state is a
+    :class:`FromageOnPlateauState`; `state.fromage.hyperparams
+    ['learning_rate']` is the `eta_t` of the last step.
+
+  Raises:
+    TypeError: for a hyperparameter of the wrong type (`None`, a string,
+      ...), a non-integer `patience`, `cooldown` or `accumulation_size`.
+    ValueError: for a hyperparameter out of its range: `factor` not in
+      (0, 1), `min_scale` not in [0, 1], negative or non-finite tolerances,
+      `accumulation_size` below 1; see :func:`fromage` for the others.
 
   Examples:
     >>> import jax
@@ -84,7 +117,18 @@ def fromage_on_plateau(
   layers.check_hyperparameter(
       learning_rate, 'learning_rate', allow_callable=True
   )
-  layers.check_hyperparameter(p_bound, 'p_bound', positive=True)
+  layers.check_hyperparameter(
+      p_bound, 'p_bound', positive=True, allow_none=True
+  )
+  for value, name in ((factor, 'factor'), (rtol, 'rtol'), (atol, 'atol'),
+                      (min_scale, 'min_scale')):
+    layers.check_hyperparameter(value, name)
+  # optax's reduce_on_plateau requires 0 < factor < 1.
+  _check_range(factor, 'factor', lambda f: 0 < f < 1, '(0, 1)')
+  _check_range(min_scale, 'min_scale', lambda m: m <= 1, '[0, 1]')
+  _check_int(patience, 'patience', 0)
+  _check_int(cooldown, 'cooldown', 0)
+  _check_int(accumulation_size, 'accumulation_size', 1)
   plateau = contrib.reduce_on_plateau(
       factor=factor,
       patience=patience,
@@ -94,32 +138,39 @@ def fromage_on_plateau(
       accumulation_size=accumulation_size,
       min_scale=min_scale,
   )
+  # The learning rate is injected by hand each step (a float here, so that
+  # inject_hyperparams keeps whatever the step sets); the schedule, if any,
+  # is evaluated at inject_hyperparams' own count.
+  fromage = optax.inject_hyperparams(
+      alias.fromage, static_args=('p_bound', 'layer_axes', 'axis_name'),
+      hyperparam_dtype=jnp.float32,  # whatever the params' dtype
+  )(learning_rate=0.0, p_bound=p_bound, layer_axes=layer_axes,
+    axis_name=axis_name)
 
-  def inner(eta):
-    return alias.fromage(
-        eta, p_bound=p_bound, layer_axes=layer_axes, axis_name=axis_name
-    )
+  def eta_at(count):
+    eta = learning_rate(count) if callable(learning_rate) else learning_rate
+    return jnp.asarray(eta, jnp.float32)
 
   def init_fn(params):
+    state = fromage.init(params)
+    state.hyperparams['learning_rate'] = eta_at(state.count)
     return FromageOnPlateauState(
-        count=jnp.zeros([], jnp.int32),
         # A float32 scalar, not the params: the scale must not be bf16.
         plateau=plateau.init(jnp.zeros([], jnp.float32)),
-        fromage=inner(0.0).init(params),
+        fromage=state,
     )
 
   def update_fn(updates, state, params=None, *, value, **extra_args):
-    del extra_args
     _, plateau_state = plateau.update((), state.plateau, value=value)
-    eta = learning_rate(state.count) if callable(learning_rate) else (
-        learning_rate
+    fromage_state = state.fromage._replace(hyperparams={
+        **state.fromage.hyperparams,
+        'learning_rate': plateau_state.scale * eta_at(state.fromage.count),
+    })
+    updates, fromage_state = fromage.update(
+        updates, fromage_state, params, value=value, **extra_args
     )
-    eta = plateau_state.scale * jnp.asarray(eta, jnp.float32)
-    updates, fromage_state = inner(eta).update(updates, state.fromage, params)
     return updates, FromageOnPlateauState(
-        count=optax.safe_increment(state.count),
-        plateau=plateau_state,
-        fromage=fromage_state,
+        plateau=plateau_state, fromage=fromage_state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -17,14 +17,16 @@ def scale_by_frobenius_ratio(
     *,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Scales each layer's update by the ratio of the parameter and update norms.
 
   For every layer, `g -> (||W|| / ||g||) * g`, where the norms are Frobenius
   norms over the layer. When either norm is zero the update is passed on
   unscaled (ratio 1): a zero-initialised bias then takes a plain gradient step
   instead of freezing, and a zero gradient stays zero. Norms are computed in
-  float32 (float64 for float64 leaves); the result keeps the params' dtype.
+  float32 at least (float64 if a leaf is float64). Gradients may have another
+  floating dtype than their params (mixed precision); the result has the
+  wider of the two, so that later transforms still see float32 values.
 
   Args:
     layer_axes: which axes of a leaf index separate layers: `None` (every leaf
@@ -37,7 +39,8 @@ def scale_by_frobenius_ratio(
       layer's global norm.
 
   Returns:
-    A :class:`optax.GradientTransformation` with an empty state.
+    A :class:`optax.GradientTransformationExtraArgs` with an empty state;
+    extra keyword arguments to `update` (`value=`, ...) are ignored.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -59,21 +62,21 @@ def scale_by_frobenius_ratio(
     layers.check_float_leaves(params, name, 'params')
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    layers.check_updates_and_params(updates, params, name, same_dtype=True)
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax's transforms do
+    layers.check_updates_and_params(updates, params, name)
     axes = layers.resolve_layer_axes(layer_axes, params)
     names = layers.resolve_axis_name(axis_name, params)
 
     def scale(g, w, ax, an):
-      ratio = layers.safe_ratio(
-          jnp.sqrt(layers.sq_norms(w, ax, an)),
-          jnp.sqrt(layers.sq_norms(g, ax, an)),
-      )
-      return (g.astype(layers.compute_dtype(g.dtype)) * ratio).astype(g.dtype)
+      w_sq, g_sq = layers.layer_sums(w, g, ax, an)
+      ratio = layers.safe_ratio(jnp.sqrt(w_sq), jnp.sqrt(g_sq))
+      out = (g.astype(layers.compute_dtype(g.dtype, w.dtype)) * ratio)
+      return out.astype(jnp.promote_types(g.dtype, w.dtype))
 
     return jax.tree.map(scale, updates, params, axes, names), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class PrefactorCorrectionState(NamedTuple):
@@ -84,7 +87,7 @@ class PrefactorCorrectionState(NamedTuple):
 
 def prefactor_correction(
     learning_rate: optax.ScalarOrSchedule,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Divides the new parameters by `sqrt(1 + eta_t**2)`.
 
   Given an update `u` (in Fromage, `-eta_t * ||W|| / ||g|| * g`), returns
@@ -102,7 +105,7 @@ def prefactor_correction(
     learning_rate: the learning rate, a non-negative float or an optax schedule.
 
   Returns:
-    A :class:`optax.GradientTransformation`.
+    A :class:`optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -128,14 +131,15 @@ def prefactor_correction(
     layers.check_float_leaves(params, name, 'params')
     return PrefactorCorrectionState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
-    layers.check_updates_and_params(updates, params, name, same_dtype=False)
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax's transforms do
+    layers.check_updates_and_params(updates, params, name)
     eta = _eta(learning_rate, state.count)
 
     def correct(u, w):
-      dtype = layers.compute_dtype(w.dtype)
+      dtype = layers.compute_dtype(w.dtype, u.dtype)
       shrink = jax.lax.rsqrt(
-          1 + jnp.square(jnp.asarray(eta, layers.norm_dtype(w.dtype)))
+          1 + jnp.square(jnp.asarray(eta, layers.norm_dtype(dtype)))
       )
       wc = w.astype(dtype)
       return ((wc + u.astype(dtype)) * shrink - wc).astype(w.dtype)
@@ -145,7 +149,7 @@ def prefactor_correction(
         count=optax.safe_increment(state.count)
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class NormClipToInitState(NamedTuple):
@@ -161,7 +165,7 @@ def norm_clip_to_init(
     *,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Keeps each layer's norm within `p_bound` times its norm at `init`.
 
   With `W' = W + u` the parameters the incoming update leads to, a layer whose
@@ -178,8 +182,8 @@ def norm_clip_to_init(
       `jax.shard_map`; see :func:`scale_by_frobenius_ratio`.
 
   Returns:
-    A :class:`optax.GradientTransformation` whose state holds one norm per
-    layer.
+    A :class:`optax.GradientTransformationExtraArgs` whose state holds one
+    norm per layer.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -212,13 +216,14 @@ def norm_clip_to_init(
         )
     )
 
-  def update_fn(updates, state, params=None):
-    layers.check_updates_and_params(updates, params, name, same_dtype=False)
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax's transforms do
+    layers.check_updates_and_params(updates, params, name)
     axes = layers.resolve_layer_axes(layer_axes, params)
     names = layers.resolve_axis_name(axis_name, params)
 
     def clip(u, w, w0_norm, ax, an):
-      dtype = layers.compute_dtype(w.dtype)
+      dtype = layers.compute_dtype(w.dtype, u.dtype)
       wc = w.astype(dtype)
       new = wc + u.astype(dtype)
       bound = p_bound * w0_norm
@@ -234,4 +239,4 @@ def norm_clip_to_init(
         clip, updates, params, state.init_norms, axes, names
     ), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
