@@ -161,6 +161,21 @@ def materialise(shapes, seed: int):
 # Optimizers.
 
 
+CHAIN = 'chain of the public transforms'
+
+
+def public_chain(learning_rate: float, p_bound: float | None = None,
+                 layer_axes=None) -> optax.GradientTransformation:
+  """Fromage built by hand from its public transforms: what `fromage()` is
+  without `p_bound`, and what its fused update computes with it."""
+  clip = () if p_bound is None else (
+      fromage_jax.norm_clip_to_init(p_bound, layer_axes=layer_axes),)
+  return optax.chain(
+      fromage_jax.scale_by_frobenius_ratio(layer_axes=layer_axes),
+      optax.scale_by_learning_rate(learning_rate),
+      fromage_jax.prefactor_correction(learning_rate), *clip)
+
+
 def optimizers(extra: dict | None = None, layer_axes=None) -> dict:
   """The optimizers timed on every tree, then `extra` ones."""
   return {
@@ -171,6 +186,7 @@ def optimizers(extra: dict | None = None, layer_axes=None) -> dict:
       'fromage_jax.fromage': fromage_jax.fromage(0.01, layer_axes=layer_axes),
       'fromage_jax.fromage(p_bound)': fromage_jax.fromage(
           0.01, p_bound=2.0, layer_axes=layer_axes),
+      f'{CHAIN} (p_bound)': public_chain(0.01, 2.0, layer_axes),
   } | (extra or {})
 
 

@@ -110,16 +110,7 @@ def copy_bandwidth(n_bytes: int, rounds: int, loop: int) -> float:
   return 2 * x.nbytes / float(np.median(times))
 
 
-CHAIN = 'chain of the public transforms'
-
-
-def public_chain(learning_rate: float,
-                 layer_axes=None) -> optax.GradientTransformation:
-  """Fromage as the chain of its public transforms, which `fromage()` fuses."""
-  return optax.chain(
-      fromage_jax.scale_by_frobenius_ratio(layer_axes=layer_axes),
-      optax.scale_by_learning_rate(learning_rate),
-      fromage_jax.prefactor_correction(learning_rate))
+CHAIN = step_time.CHAIN
 
 
 def bandwidth_table(rows: dict, copy_bps: float) -> list[str]:
@@ -211,7 +202,7 @@ def main(argv=None) -> int:
     layer_axes = step_time.LAYER_AXES.get(tree)
     results[tree] = step_time.bench_tree(
         shapes, rounds, loop=loop, layer_axes=layer_axes,
-        extra={CHAIN: public_chain(0.01, layer_axes)})
+        extra={CHAIN: step_time.public_chain(0.01, layer_axes=layer_axes)})
     if copy_bps is None and tree.startswith('GPT-2'):
       copy_bps = copy_bandwidth(results[tree]['_tree']['param_bytes'],
                                 rounds, loop)
