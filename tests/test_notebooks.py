@@ -4,13 +4,12 @@ They run in a fresh kernel with nbclient (in the notebooks' folder, as a user
 would run them); the stored copies are not modified, and what the kernel
 writes (IPython's profile, the notebooks' temporary folders) goes to pytest's
 `tmp_path`, so a run leaves nothing behind. The kernel shares
-tests/test_paper.py's persistent XLA compilation cache (same folder), so `paper_figures.ipynb`
-(which runs the quick modes of `benchmarks/paper/`) reuses its compiles.
+tests/test_paper.py's XLA compilation cache (the same folder inside this
+session's pytest temp dir), so `paper_figures.ipynb` (which runs the quick
+modes of `benchmarks/paper/`) reuses its compiles.
 """
 
-import os
 import pathlib
-import tempfile
 
 from nbclient import NotebookClient
 import nbformat
@@ -18,15 +17,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / 'notebooks'
-CACHE_DIR = os.path.join(tempfile.gettempdir(), 'fromage_jax_paper_xla_cache')
 
 
 def execute(name: str, monkeypatch, tmp_path) -> nbformat.NotebookNode:
+  # tests/test_paper.py's session cache: `tmp_path_factory.getbasetemp()`.
+  cache = tmp_path.parent / 'xla_cache'
   # The kernel inherits this environment: IPython would create
   # ~/.ipython/profile_default, and `tempfile.mkdtemp` a folder in /tmp.
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   monkeypatch.setenv('TMPDIR', str(tmp_path))
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = NotebookClient(
