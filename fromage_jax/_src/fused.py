@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from fromage_jax._src import layers
+from fromage_jax._src import transform
 
 _CLIP = 'norm_clip_to_init'
 
@@ -43,7 +44,7 @@ def fuse_clip(
     axes = layers.resolve_layer_axes(layer_axes, params)
     names = layers.resolve_axis_name(axis_name, params)
     count = state['prefactor_correction'].count
-    eta = learning_rate(count) if callable(learning_rate) else learning_rate
+    eta = transform.eta_at(learning_rate, count)
 
     def step(g, w, w0_norm, ax, an):
       dtype = layers.compute_dtype(w.dtype, g.dtype)

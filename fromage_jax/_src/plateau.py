@@ -10,6 +10,7 @@ from optax import contrib
 
 from fromage_jax._src import alias
 from fromage_jax._src import layers
+from fromage_jax._src import transform
 
 
 class FromageOnPlateauState(NamedTuple):
@@ -123,8 +124,7 @@ def fromage_on_plateau(
   for value, name in ((factor, 'factor'), (rtol, 'rtol'), (atol, 'atol'),
                       (min_scale, 'min_scale')):
     layers.check_hyperparameter(value, name)
-  # optax's reduce_on_plateau requires 0 < factor < 1.
-  _check_range(factor, 'factor', lambda f: 0 < f < 1, '(0, 1)')
+  # optax's reduce_on_plateau itself refuses a factor outside (0, 1).
   _check_range(min_scale, 'min_scale', lambda m: m <= 1, '[0, 1]')
   _check_int(patience, 'patience', 0)
   _check_int(cooldown, 'cooldown', 0)
@@ -148,8 +148,7 @@ def fromage_on_plateau(
     axis_name=axis_name)
 
   def eta_at(count):
-    eta = learning_rate(count) if callable(learning_rate) else learning_rate
-    return jnp.asarray(eta, jnp.float32)
+    return jnp.asarray(transform.eta_at(learning_rate, count), jnp.float32)
 
   def init_fn(params):
     state = fromage.init(params)

@@ -9,7 +9,8 @@ import optax
 from fromage_jax._src import layers
 
 
-def _eta(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+  """`eta_t`: the learning rate, or the schedule at `count`."""
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
@@ -134,7 +135,7 @@ def prefactor_correction(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax's transforms do
     layers.check_updates_and_params(updates, params, name)
-    eta = _eta(learning_rate, state.count)
+    eta = eta_at(learning_rate, state.count)
 
     def correct(u, w):
       dtype = layers.compute_dtype(w.dtype, u.dtype)
