@@ -207,6 +207,20 @@ def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(ok, num / jnp.where(ok, den, 1), 1)
 
 
+def per_leaf(fn):
+  """`fn(*arrays, axes=..., axis_name=...)` of one leaf, traced once per shape.
+
+  A named optimisation of compile time (`benchmarks/results/
+  chain_vs_fused.md`, "tracing once per shape"): a transform's arithmetic on
+  one leaf is traced once per shape, dtype and layer axes (`axes`,
+  `axis_name` are static), not once per leaf, as deep models repeat a few
+  shapes many times. On the 2-core CPU, 2,000 small leaves of 34 shapes,
+  tracing and lowering `fromage()`'s step took 1.6 s instead of 4.7 s, and
+  its whole compile 16 s instead of 23 s. XLA inlines the calls.
+  """
+  return jax.jit(fn, static_argnames=('axes', 'axis_name'))
+
+
 def check_params(params, transform: str) -> None:
   if params is None:
     raise ValueError(

@@ -14,6 +14,36 @@ def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
+def frobenius_ratio(w_sq: jax.Array, g_sq: jax.Array) -> jax.Array:
+  """`||W|| / ||g||` from the squared norms; 1 where either is zero."""
+  ok = jnp.logical_and(w_sq > 0, g_sq > 0)
+  return jnp.where(ok, jnp.sqrt(w_sq) / jnp.sqrt(jnp.where(ok, g_sq, 1)), 1)
+
+
+def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
+  """What brings a norm `new_norm` back to `p_bound * init_norm`: 1 within
+  the bound, or where `init_norm` is 0 (never clipped)."""
+  bound = p_bound * init_norm
+  clip = jnp.logical_and(init_norm > 0, new_norm > bound)
+  return jnp.where(clip, bound / jnp.where(clip, new_norm, 1), 1)
+
+
+@layers.per_leaf
+def _scale(g, w, *, axes, axis_name):
+  ratio = frobenius_ratio(*layers.layer_sums(w, g, axes, axis_name))
+  out = g.astype(layers.compute_dtype(g.dtype, w.dtype)) * ratio
+  return out.astype(jnp.promote_types(g.dtype, w.dtype))
+
+
+@layers.per_leaf
+def _clip(u, w, init_norm, p_bound, *, axes, axis_name):
+  dtype = layers.compute_dtype(w.dtype, u.dtype)
+  wc = w.astype(dtype)
+  new = wc + u.astype(dtype)
+  new_norm = jnp.sqrt(layers.sq_norms(new, axes, axis_name))
+  return (new * clip_factor(new_norm, init_norm, p_bound) - wc).astype(w.dtype)
+
+
 def scale_by_frobenius_ratio(
     *,
     layer_axes: layers.LayerAxes = None,
@@ -69,13 +99,9 @@ def scale_by_frobenius_ratio(
     axes = layers.resolve_layer_axes(layer_axes, params)
     names = layers.resolve_axis_name(axis_name, params)
 
-    def scale(g, w, ax, an):
-      w_sq, g_sq = layers.layer_sums(w, g, ax, an)
-      ratio = layers.safe_ratio(jnp.sqrt(w_sq), jnp.sqrt(g_sq))
-      out = (g.astype(layers.compute_dtype(g.dtype, w.dtype)) * ratio)
-      return out.astype(jnp.promote_types(g.dtype, w.dtype))
-
-    return jax.tree.map(scale, updates, params, axes, names), state
+    return jax.tree.map(
+        lambda g, w, ax, an: _scale(g, w, axes=ax, axis_name=an),
+        updates, params, axes, names), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -223,21 +249,9 @@ def norm_clip_to_init(
     axes = layers.resolve_layer_axes(layer_axes, params)
     names = layers.resolve_axis_name(axis_name, params)
 
-    def clip(u, w, w0_norm, ax, an):
-      dtype = layers.compute_dtype(w.dtype, u.dtype)
-      wc = w.astype(dtype)
-      new = wc + u.astype(dtype)
-      bound = p_bound * w0_norm
-      new_norm = jnp.sqrt(layers.sq_norms(new, ax, an))
-      factor = jnp.where(
-          jnp.logical_and(w0_norm > 0, new_norm > bound),
-          bound / jnp.where(new_norm > 0, new_norm, 1),
-          1,
-      )
-      return (new * factor - wc).astype(w.dtype)
-
     return jax.tree.map(
-        clip, updates, params, state.init_norms, axes, names
-    ), state
+        lambda u, w, w0, ax, an: _clip(u, w, w0, p_bound, axes=ax,
+                                       axis_name=an),
+        updates, params, state.init_norms, axes, names), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
