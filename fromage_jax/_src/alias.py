@@ -34,8 +34,8 @@ def fromage(
   when `p_bound` is given, :func:`norm_clip_to_init`, each under its own
   name. With `p_bound`, the chain's update is computed in one elementwise
   pass after the norms instead of two (the same update, to float rounding,
-  and the same state; measured faster on the CPU, see `_src/fused.py`). For the paper's "divide eta by 10 on plateau",
-  use :func:`fromage_on_plateau`.
+  and the same state; measured faster on the CPU, see `_src/fused.py`). For
+  the paper's "divide eta by 10 on plateau", use :func:`fromage_on_plateau`.
 
   Gradients may have another floating dtype than their params (bf16 params
   with f32 gradients, or the reverse): norms and arithmetic run in float32 at

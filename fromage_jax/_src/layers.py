@@ -201,9 +201,9 @@ def sq_norms(x, axes: tuple[int, ...], axis_name=None) -> jax.Array:
   return inner(x, x, axes, axis_name)
 
 
-def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  """`num / den` where both are > 0, else 1 (the SPEC's zero-norm rule)."""
-  ok = jnp.logical_and(num > 0, den > 0)
+def divide_where(ok: jax.Array, num: jax.Array, den: jax.Array) -> jax.Array:
+  """`num / den` where `ok`, else 1; `den` is never read where not `ok`, so
+  a zero there gives no NaN (the SPEC's zero-norm rule, the clip's bound)."""
   return jnp.where(ok, num / jnp.where(ok, den, 1), 1)
 
 

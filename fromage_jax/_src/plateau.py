@@ -37,11 +37,6 @@ def _check_int(value, name: str, low: int) -> None:
     raise ValueError(f'{name} must be >= {low}, got {value!r}.')
 
 
-def _check_range(value, name: str, ok, want: str) -> None:
-  if not isinstance(value, jax.core.Tracer) and not ok(value):
-    raise ValueError(f'{name} must be in {want}, got {value!r}.')
-
-
 def fromage_on_plateau(
     learning_rate: optax.ScalarOrSchedule = 0.01,
     *,
@@ -125,7 +120,8 @@ def fromage_on_plateau(
                       (min_scale, 'min_scale')):
     layers.check_hyperparameter(value, name)
   # optax's reduce_on_plateau itself refuses a factor outside (0, 1).
-  _check_range(min_scale, 'min_scale', lambda m: m <= 1, '[0, 1]')
+  if not isinstance(min_scale, jax.core.Tracer) and min_scale > 1:
+    raise ValueError(f'min_scale must be in [0, 1], got {min_scale!r}.')
   _check_int(patience, 'patience', 0)
   _check_int(cooldown, 'cooldown', 0)
   _check_int(accumulation_size, 'accumulation_size', 1)

@@ -17,7 +17,7 @@ def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
 def frobenius_ratio(w_sq: jax.Array, g_sq: jax.Array) -> jax.Array:
   """`||W|| / ||g||` from the squared norms; 1 where either is zero."""
   ok = jnp.logical_and(w_sq > 0, g_sq > 0)
-  return jnp.where(ok, jnp.sqrt(w_sq) / jnp.sqrt(jnp.where(ok, g_sq, 1)), 1)
+  return layers.divide_where(ok, jnp.sqrt(w_sq), jnp.sqrt(g_sq))
 
 
 def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
@@ -25,7 +25,7 @@ def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
   the bound, or where `init_norm` is 0 (never clipped)."""
   bound = p_bound * init_norm
   clip = jnp.logical_and(init_norm > 0, new_norm > bound)
-  return jnp.where(clip, bound / jnp.where(clip, new_norm, 1), 1)
+  return layers.divide_where(clip, bound, new_norm)
 
 
 @layers.per_leaf
