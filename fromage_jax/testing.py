@@ -16,7 +16,9 @@ The update, per layer, at step t with learning rate `eta_t`::
     W' = W' * p_bound * ||W0|| / ||W'||
 
 `layer_axes` is `None` (every leaf is one layer), a tuple of axes for every
-leaf, a dict prefix of those, or a callable `params -> such a tree`.
+leaf, a pytree prefix of the params holding those (or `None`), or a callable
+`params -> such a tree`. Any pytree works: dicts, tuples, NamedTuples,
+dataclasses, with `None` or `optax.MaskedNode` holding no layer.
 
 Example:
   >>> import jax.numpy as jnp
@@ -59,20 +61,27 @@ def _map(f, *trees):
   return jax.tree_util.tree_map(f, *trees)
 
 
-def _broadcast(spec, tree):
-  """`layer_axes` (None, a tuple, a dict prefix or a callable) for each leaf."""
-  if callable(spec):
-    spec = spec(tree)
-  if spec is None or isinstance(spec, (tuple, list)):
-    return _map(lambda _: tuple(spec or ()), tree)
-  return {k: _broadcast(spec[k], tree[k]) for k in tree}
+def _is_axes(x):
+  """`None` or a tuple/list of ints: one leaf's layer axes, not a subtree."""
+  return x is None or (type(x) in (tuple, list) and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in x))
 
 
 def _leaves_with_axes(tree, layer_axes):
-  axes = jax.tree_util.tree_leaves(
-      _broadcast(layer_axes, tree), is_leaf=lambda x: isinstance(x, tuple)
-  )
+  """The leaves of `tree`, each leaf's layer axes, and the tree's structure.
+
+  `layer_axes` is axes for every leaf, a pytree prefix of `tree` holding
+  axes (or `None`), or a callable `tree -> ` one of those.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if callable(layer_axes):
+    layer_axes = layer_axes(tree)
+  if _is_axes(layer_axes):
+    return leaves, [tuple(layer_axes or ())] * len(leaves), treedef
+  specs, spec_def = jax.tree_util.tree_flatten(layer_axes, is_leaf=_is_axes)
+  axes = [tuple(spec or ()) for spec, sub in
+          zip(specs, spec_def.flatten_up_to(tree), strict=True)
+          for _ in jax.tree_util.tree_leaves(sub)]
   return leaves, axes, treedef
 
 
@@ -285,7 +294,8 @@ def relative_update_norms(updates, params, layer_axes=None):
 
   Returns:
     A pytree like `params` of arrays shaped like each leaf's layer axes (a
-    scalar for a leaf that is one layer); `inf` or `nan` where `||W|| = 0`.
+    scalar for a leaf that is one layer). Where `||W|| = 0`: 0 if the layer
+    did not move (0/0), `inf` if it did.
 
   Example:
     >>> import numpy as np
@@ -300,8 +310,9 @@ def relative_update_norms(updates, params, layer_axes=None):
     ax = tuple(sorted(a % np.ndim(w) for a in ax))
     nw, nu = _norms(w, ax), _norms(u, ax)
     keep = tuple(np.shape(w)[a] for a in ax)
+    moved = np.where(nu > 0, np.inf, 0.0)
     with np.errstate(divide='ignore', invalid='ignore'):
-      return (nu / nw).reshape(keep)
+      return np.where(nw > 0, nu / nw, moved).reshape(keep)
 
   return _per_layer(leaf, layer_axes, params, updates)
 

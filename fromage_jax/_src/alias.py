@@ -6,6 +6,7 @@ import optax
 from fromage_jax._src import fused
 from fromage_jax._src import layers
 from fromage_jax._src import transform
+from fromage_jax._src import validation
 
 
 def fromage(
@@ -36,6 +37,13 @@ def fromage(
   pass after the norms instead of two (the same update, to float rounding,
   and the same state; measured faster on the CPU, see `_src/fused.py`). For
   the paper's "divide eta by 10 on plateau", use :func:`fromage_on_plateau`.
+
+  Its first transform rescales whatever direction comes in to each layer's
+  norm, so `optax.chain(direction, fromage(eta))` moves every layer by
+  `eta` of its norm along another optimizer's direction (Adam's
+  `optax.scale_by_adam()`, momentum's `optax.trace(0.9)`, Muon's). Such
+  directions are not orthogonal to `W`, so the prefactor no longer holds the
+  norms: chain :func:`norm_project_to_init` after it to hold them exactly.
 
   Gradients may have another floating dtype than their params (bf16 params
   with f32 gradients, or the reverse): norms and arithmetic run in float32 at
@@ -88,21 +96,24 @@ def fromage(
     Bernstein et al, `On the distance between two neural networks and the
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
   """
-  layers.check_hyperparameter(
-      learning_rate, 'learning_rate', allow_callable=True
-  )
-  layers.check_hyperparameter(
-      p_bound, 'p_bound', positive=True, allow_none=True
-  )
-  parts = [
-      ('scale_by_frobenius_ratio', transform.scale_by_frobenius_ratio(
-          layer_axes=layer_axes, axis_name=axis_name)),
-      ('scale_by_learning_rate', optax.scale_by_learning_rate(learning_rate)),
-      ('prefactor_correction', transform.prefactor_correction(learning_rate)),
-  ]
+  name = 'fromage'
+  with validation.entry_point(name):
+    # The prefactor first: it refuses a learning rate that cannot work before
+    # optax's scale_by_learning_rate sees it.
+    prefactor = transform.prefactor_correction(learning_rate)
+    parts = [
+        ('scale_by_frobenius_ratio', transform.scale_by_frobenius_ratio(
+            layer_axes=layer_axes, axis_name=axis_name)),
+        ('scale_by_learning_rate',
+         optax.scale_by_learning_rate(learning_rate)),
+        ('prefactor_correction', prefactor),
+    ]
+    if p_bound is not None:
+      parts.append(('norm_clip_to_init', transform.norm_clip_to_init(
+          p_bound, layer_axes=layer_axes, axis_name=axis_name)))
   if p_bound is None:
-    return optax.named_chain(*parts)
-  parts.append(('norm_clip_to_init', transform.norm_clip_to_init(
-      p_bound, layer_axes=layer_axes, axis_name=axis_name)))
+    return validation.named(optax.named_chain(*parts), name)
   # The same chain; its update computed in one pass (see `fused`).
-  return fused.fuse_clip(parts, learning_rate, p_bound, layer_axes, axis_name)
+  return validation.named(
+      fused.fuse_clip(parts, learning_rate, p_bound, layer_axes, axis_name),
+      name)

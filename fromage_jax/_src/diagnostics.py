@@ -4,19 +4,24 @@ import jax
 import jax.numpy as jnp
 
 from fromage_jax._src import layers
+from fromage_jax._src import validation
 
 
-def _layer_norm_pairs(diff, base, layer_axes):
-  """Per-layer `(||diff_l||, ||base_l||)`, flattened over the whole tree."""
-  axes = layers.resolve_layer_axes(layer_axes, base)
-  pairs = jax.tree.map(
-      lambda d, b, ax: (
-          jnp.sqrt(layers.sq_norms(d, ax)).ravel(),
-          jnp.sqrt(layers.sq_norms(b, ax)).ravel(),
-      ),
-      diff, base, axes,
-  )
-  return jax.tree.leaves(pairs, is_leaf=lambda x: isinstance(x, tuple))
+def _relative_norms(diff, base, layer_axes, name):
+  """Per leaf of `base`, `||diff_l|| / ||base_l||` and `||base_l|| > 0`, one
+  entry per layer. 0/0 is 0 (a layer that did not move); x/0 for x > 0 is
+  `inf`."""
+  found = layers.find_layers(base, layer_axes, name=name)
+  d_sq, b_sq = layers.sq_norms(found, found.leaves(diff), found.leaves(base))
+  out = []
+  for d, b, ax in zip(d_sq, b_sq, found.axes, strict=True):
+    nonzero = b > 0
+    ratio = jnp.where(
+        nonzero, layers.divide_where(nonzero, layers.norm(d), layers.norm(b)),
+        jnp.where(d > 0, jnp.inf, 0))
+    keep = tuple(b.shape[a] for a in ax)
+    out.append((ratio.reshape(keep), nonzero.reshape(keep)))
+  return found, out
 
 
 def relative_update_norms(updates, params, layer_axes: layers.LayerAxes = None):
@@ -48,17 +53,10 @@ def relative_update_norms(updates, params, layer_axes: layers.LayerAxes = None):
     Bernstein et al, `On the distance between two neural networks and the
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020 (eq. 6)
   """
-  axes = layers.resolve_layer_axes(layer_axes, params)
-
-  def ratio(u, w, ax):
-    un = jnp.sqrt(layers.sq_norms(u, ax))
-    wn = jnp.sqrt(layers.sq_norms(w, ax))
-    out = jnp.where(wn > 0, un / jnp.where(wn > 0, wn, 1),
-                    jnp.where(un > 0, jnp.inf, 0))
-    keep = tuple(out.shape[a] for a in ax)
-    return out.reshape(keep)
-
-  return jax.tree.map(ratio, updates, params, axes)
+  name = 'relative_update_norms'
+  validation.check_same_structure(updates, params, name, 'updates and params')
+  found, pairs = _relative_norms(updates, params, layer_axes, name)
+  return found.unflatten([ratio for ratio, _ in pairs])
 
 
 def deep_relative_trust(
@@ -93,19 +91,20 @@ def deep_relative_trust(
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
     (Definition 1)
   """
+  name = 'deep_relative_trust'
+  validation.check_same_structure(params, other_params, name,
+                                  'params and other_params')
+
   def minus(a, b):
-    dtype = layers.compute_dtype(a.dtype)
+    dtype = layers.compute_dtype(a.dtype, b.dtype)
     return b.astype(dtype) - a.astype(dtype)
 
   diff = jax.tree.map(minus, params, other_params)
-  log_terms = [
-      jnp.sum(jnp.where(b > 0, jnp.log1p(d / jnp.where(b > 0, b, 1)), 0))
-      for d, b in _layer_norm_pairs(diff, params, layer_axes)
-  ]
-  if not log_terms:
-    return jnp.zeros([], jnp.float32)
+  _, pairs = _relative_norms(diff, params, layer_axes, name)
   # A sum of logs: stable for many layers and for tiny perturbations.
-  return jnp.expm1(sum(log_terms))
+  log_terms = [jnp.sum(jnp.where(moved, jnp.log1p(jnp.where(moved, r, 0)), 0))
+               for r, moved in pairs]
+  return jnp.expm1(sum(log_terms, jnp.zeros([], jnp.float32)))
 
 
 def descent_learning_rate_bound(depth, cos_theta=1.0):

@@ -11,51 +11,43 @@ unclipped `W'`, which XLA materialises and reads back; here
 `||W - a g||**2 = ||W||**2 - 2 a Re<W, g> + a**2 ||g||**2` comes from a third
 sum over `W` and `g`, then one elementwise pass writes the update.
 
-Why it is kept (`benchmarks/results/chain_vs_fused.md`, run 3, idle 2-core
-CPU): the chain's step with `p_bound` took 2.40x this one's on the GPT-2 tree
-and 1.78x on ResNet-50. Without `p_bound` the same fusion compiled to exactly
-the chain's kernels and ran in its time, so `fromage()` is then the chain.
-
-Each layer's scalar arithmetic (`_coefficients`) is stacked into one array
-behind an optimisation barrier, so that XLA computes it in one small kernel;
-inline, XLA:CPU split its square roots and divisions into kernels of their
-own, and the step compiled in 58 s instead of 31 s on 2,000 small leaves.
+Why it is kept: in the same process on the CPU, the chain's step with
+`p_bound` takes about twice this one's on the GPT-2 and ResNet-50 trees
+(`benchmarks/results/chain_vs_fused.md`). Without `p_bound` the same fusion
+compiled to exactly the chain's kernels and ran in its time, so `fromage()`
+is then the chain.
 """
 
 
-import jax
-from jax import lax
 import jax.numpy as jnp
 import optax
 
 from fromage_jax._src import layers
 from fromage_jax._src import transform
+from fromage_jax._src import validation
 
 _CLIP = 'norm_clip_to_init'
 
 
 def _coefficients(w_sq, g_sq, w_g, w0_norm, eta, p_bound):
-  """`[s - 1, s a]` of each layer: its update is `(s - 1) W - s a g`."""
+  """`(s - 1, s a)` of each layer: its update is `(s - 1) W - s a g`."""
   eta_t = jnp.asarray(eta, w_sq.dtype)
   a = eta_t * transform.frobenius_ratio(w_sq, g_sq)
-  new_sq = w_sq - 2 * a * w_g + jnp.square(a) * g_sq
+  new_sq = jnp.maximum(w_sq - 2 * a * w_g + jnp.square(a) * g_sq, 0)
   root = jnp.sqrt(1 + jnp.square(eta_t))  # the prefactor is 1 / root
-  f = transform.clip_factor(
-      jnp.sqrt(jnp.maximum(new_sq, 0)) / root, w0_norm, p_bound)
+  f = transform.clip_factor(layers.norm(new_sq) / root, w0_norm, p_bound)
   s = f / root
   # s - 1 = f (1 / root - 1) + (f - 1), without the cancellation of 1 / root
   # against 1 when eta_t is small.
   s_minus_1 = f * (-jnp.square(eta_t) / (root * (1 + root))) + (f - 1)
-  # One kernel per layer (see the module's docstring).
-  return lax.optimization_barrier(jnp.stack([s_minus_1, s * a]))
+  return s_minus_1, s * a
 
 
 @layers.per_leaf
-def _update(g, w, w0_norm, eta, p_bound, *, axes, axis_name):
+def _update(w, g, w_sq, g_sq, w_g, init_norm, eta, p_bound):
   dtype = layers.compute_dtype(w.dtype, g.dtype)
-  c = _coefficients(*layers.layer_sums(w, g, axes, axis_name, with_inner=True),
-                    w0_norm, eta, p_bound)
-  return (c[0] * w.astype(dtype) - c[1] * g.astype(dtype)).astype(w.dtype)
+  c_w, c_g = _coefficients(w_sq, g_sq, w_g, init_norm, eta, p_bound)
+  return (c_w * w.astype(dtype) - c_g * g.astype(dtype)).astype(w.dtype)
 
 
 def fuse_clip(
@@ -69,16 +61,15 @@ def fuse_clip(
   name = 'fromage'
 
   def update_fn(updates, state, params=None, **extra_args):
-    layers.check_updates_and_params(updates, params, name)
-    axes = layers.resolve_layer_axes(layer_axes, params)
-    names = layers.resolve_axis_name(axis_name, params)
-    count = state['prefactor_correction'].count
-    eta = transform.eta_at(learning_rate, count)
-
-    new_updates = jax.tree.map(
-        lambda g, w, w0, ax, an: _update(g, w, w0, eta, p_bound, axes=ax,
-                                         axis_name=an),
-        updates, params, state[_CLIP].init_norms, axes, names)
+    validation.check_updates_and_params(updates, params, name)
+    found = layers.find_layers(params, layer_axes, axis_name, name=name)
+    ws, gs = found.leaves(params), found.leaves(updates)
+    eta = transform.eta_at(learning_rate, state['prefactor_correction'].count)
+    sums = layers.inner_products(found, (ws, ws), (gs, gs), (ws, gs))
+    new_updates = found.unflatten([
+        _update(*args, eta, p_bound) for args in
+        zip(ws, gs, *sums, found.leaves(state[_CLIP].init_norms), strict=True)
+    ])
     # The chain's own state transition: its counts advance as they would
     # have (run on an empty tree), and norm_clip_to_init's state is constant.
     counted = [(n, t) for n, t in parts if n != _CLIP]

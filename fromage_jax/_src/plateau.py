@@ -4,13 +4,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax import contrib
 
 from fromage_jax._src import alias
 from fromage_jax._src import layers
 from fromage_jax._src import transform
+from fromage_jax._src import validation
 
 
 class FromageOnPlateauState(NamedTuple):
@@ -25,16 +25,6 @@ class FromageOnPlateauState(NamedTuple):
   def count(self) -> jax.Array:
     """Updates made so far (int32, shape ())."""
     return self.fromage.count
-
-
-def _check_int(value, name: str, low: int) -> None:
-  if isinstance(value, jax.core.Tracer):  # from inject_hyperparams
-    return
-  if isinstance(value, (bool, np.bool_)) or not jnp.issubdtype(
-      np.result_type(value), jnp.integer) or np.ndim(value):
-    raise TypeError(f'{name} must be an int, got {value!r}.')
-  if value < low:
-    raise ValueError(f'{name} must be >= {low}, got {value!r}.')
 
 
 def fromage_on_plateau(
@@ -110,21 +100,25 @@ def fromage_on_plateau(
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
     (section 6: "eta was decayed by 10 when the loss plateaued")
   """
-  layers.check_hyperparameter(
-      learning_rate, 'learning_rate', allow_callable=True
+  name = 'fromage_on_plateau'
+  validation.check_hyperparameter(
+      learning_rate, 'learning_rate', name, allow_callable=True
   )
-  layers.check_hyperparameter(
-      p_bound, 'p_bound', positive=True, allow_none=True
+  validation.check_hyperparameter(
+      p_bound, 'p_bound', name, positive=True, allow_none=True
   )
-  for value, name in ((factor, 'factor'), (rtol, 'rtol'), (atol, 'atol'),
-                      (min_scale, 'min_scale')):
-    layers.check_hyperparameter(value, name)
-  # optax's reduce_on_plateau itself refuses a factor outside (0, 1).
-  if not isinstance(min_scale, jax.core.Tracer) and min_scale > 1:
-    raise ValueError(f'min_scale must be in [0, 1], got {min_scale!r}.')
-  _check_int(patience, 'patience', 0)
-  _check_int(cooldown, 'cooldown', 0)
-  _check_int(accumulation_size, 'accumulation_size', 1)
+  for value, arg in ((factor, 'factor'), (rtol, 'rtol'), (atol, 'atol'),
+                     (min_scale, 'min_scale')):
+    validation.check_hyperparameter(value, arg, name)
+  for value, arg, ok, what in (
+      (factor, 'factor', lambda x: 0 < x < 1, '(0, 1)'),
+      (min_scale, 'min_scale', lambda x: x <= 1, '[0, 1]')):
+    if not isinstance(value, jax.core.Tracer) and not ok(value):
+      raise ValueError(f'{validation.called(name)}: {arg} must be in {what}, '
+                       f'got {value!r}.')
+  validation.check_int(patience, 'patience', name, 0)
+  validation.check_int(cooldown, 'cooldown', name, 0)
+  validation.check_int(accumulation_size, 'accumulation_size', name, 1)
   plateau = contrib.reduce_on_plateau(
       factor=factor,
       patience=patience,
@@ -168,4 +162,5 @@ def fromage_on_plateau(
         plateau=plateau_state, fromage=fromage_state
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return validation.named(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn), name)

@@ -9,7 +9,7 @@ tree the optimizer is given: plain dicts, Linen's params, `nnx.State` (as
 `nnx.Optimizer` hands to optax), or a tree of `nnx.Variable`.
 
 What a layer is and what its norm is stays in `layers`: this module only
-chooses each leaf's axes, and `layers.resolve_layer_axes` checks them.
+chooses each leaf's axes, and `layers.find_layers` checks them.
 """
 
 from collections.abc import Callable
@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from fromage_jax._src import layers
+from fromage_jax._src import validation
 
 
 def _key_name(key) -> Any:
@@ -29,17 +29,14 @@ def _key_name(key) -> Any:
 
 
 def _normalise_axis(axis) -> tuple[int, ...]:
-  if isinstance(axis, int) and not isinstance(axis, bool):
-    return (axis,)
-  if (
-      isinstance(axis, (tuple, list))
-      and axis
-      and all(isinstance(a, int) and not isinstance(a, bool) for a in axis)
-  ):
-    return tuple(axis)
+  if validation.is_integer(axis):
+    return (int(axis),)
+  if (isinstance(axis, (tuple, list)) and axis
+      and all(map(validation.is_integer, axis))):
+    return tuple(int(a) for a in axis)
   raise TypeError(
-      f'stacked_layer_axes: axis must be an int or a non-empty tuple of '
-      f'ints, got {axis!r}.'
+      f'fromage_jax.stacked_layer_axes: axis must be an int or a non-empty '
+      f'tuple of ints, got {axis!r}.'
   )
 
 
@@ -103,13 +100,13 @@ def stacked_layer_axes(
   """
   if not names:
     raise TypeError(
-        'stacked_layer_axes needs at least one name, e.g. '
+        'fromage_jax.stacked_layer_axes needs at least one name, e.g. '
         "stacked_layer_axes('blocks')."
     )
   for name in names:
     if not isinstance(name, str):
       raise TypeError(
-          f'stacked_layer_axes: names must be strings, got {name!r}.'
+          f'fromage_jax.stacked_layer_axes: names must be strings, got {name!r}.'
       )
   axes = _normalise_axis(axis)
   wanted = frozenset(names)
@@ -128,11 +125,11 @@ def stacked_layer_axes(
     missing = sorted(wanted - matched)
     # An empty tree has nothing to stack (and Fromage gives it no update).
     if strict and missing and jax.tree.leaves(params):
-      paths = [layers.leaf_name(p) for p, _ in
+      paths = [validation.leaf_name(p) for p, _ in
                jax.tree_util.tree_flatten_with_path(params)[0]]
       shown = ', '.join(paths[:8]) + (', ...' if len(paths) > 8 else '')
       raise ValueError(
-          f'stacked_layer_axes: no leaf of the params has {missing} in its '
+          f'fromage_jax.stacked_layer_axes: no leaf of the params has {missing} in its '
           f'key path (leaves: {shown or "none"}). Check the name of the '
           'attribute or module that holds the stacked layers, or pass '
           'strict=False.'

@@ -1,4 +1,5 @@
-"""The three gradient transformations that make up Fromage."""
+"""The gradient transformations that make up Fromage, and the exact norm
+projection that relative steps over other directions need."""
 
 from typing import NamedTuple
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from fromage_jax._src import layers
+from fromage_jax._src import validation
 
 
 def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
@@ -17,7 +19,7 @@ def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
 def frobenius_ratio(w_sq: jax.Array, g_sq: jax.Array) -> jax.Array:
   """`||W|| / ||g||` from the squared norms; 1 where either is zero."""
   ok = jnp.logical_and(w_sq > 0, g_sq > 0)
-  return layers.divide_where(ok, jnp.sqrt(w_sq), jnp.sqrt(g_sq))
+  return layers.divide_where(ok, layers.norm(w_sq), layers.norm(g_sq))
 
 
 def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
@@ -29,19 +31,56 @@ def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
 
 
 @layers.per_leaf
-def _scale(g, w, *, axes, axis_name):
-  ratio = frobenius_ratio(*layers.layer_sums(w, g, axes, axis_name))
-  out = g.astype(layers.compute_dtype(g.dtype, w.dtype)) * ratio
+def _scale(g, w, w_sq, g_sq):
+  out = g.astype(layers.compute_dtype(g.dtype, w.dtype)) * frobenius_ratio(
+      w_sq, g_sq)
   return out.astype(jnp.promote_types(g.dtype, w.dtype))
 
 
-@layers.per_leaf
-def _clip(u, w, init_norm, p_bound, *, axes, axis_name):
+def project_factor(new_norm, init_norm, scale) -> jax.Array:
+  """What brings a norm `new_norm` to exactly `scale * init_norm`: 1 where
+  `init_norm` is 0 (a free layer) or `new_norm` is 0 (no direction to
+  rescale)."""
+  ok = jnp.logical_and(init_norm > 0, new_norm > 0)
+  return layers.divide_where(ok, scale * init_norm, new_norm)
+
+
+@layers.per_leaf(static_argnames=('project',))
+def _rescale(u, w, new_sq, init_norm, bound, *, project):
+  """The update that takes `w` to `w + u` rescaled by the clip's factor, or
+  the projection's."""
   dtype = layers.compute_dtype(w.dtype, u.dtype)
   wc = w.astype(dtype)
   new = wc + u.astype(dtype)
-  new_norm = jnp.sqrt(layers.sq_norms(new, axes, axis_name))
-  return (new * clip_factor(new_norm, init_norm, p_bound) - wc).astype(w.dtype)
+  factor = (project_factor if project else clip_factor)(
+      layers.norm(new_sq), init_norm, bound)
+  return (new * factor - wc).astype(w.dtype)
+
+
+def _rescale_to_init(name, bound, project, layer_axes, axis_name, state):
+  """`norm_clip_to_init` or `norm_project_to_init`: `state(init_norms)`
+  holds each layer's norm at `init`; `update` rescales `W + u`."""
+
+  def init_fn(params):
+    validation.check_float_leaves(params, name, 'params')
+    found = layers.find_layers(params, layer_axes, axis_name, name=name)
+    (w_sq,) = layers.sq_norms(found, found.leaves(params))
+    return state(init_norms=found.unflatten([layers.norm(sq) for sq in w_sq]))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted and ignored, as optax's transforms do
+    validation.check_updates_and_params(updates, params, name)
+    found = layers.find_layers(params, layer_axes, axis_name, name=name)
+    ws, us = found.leaves(params), found.leaves(updates)
+    (new_sq,) = layers.sq_norms(found, [
+        w.astype(layers.compute_dtype(w.dtype, u.dtype)) + u
+        for w, u in zip(ws, us, strict=True)])
+    return found.unflatten([
+        _rescale(u, w, sq, w0, bound, project=project) for u, w, sq, w0 in
+        zip(us, ws, new_sq, found.leaves(state.init_norms), strict=True)
+    ]), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_frobenius_ratio(
@@ -90,18 +129,18 @@ def scale_by_frobenius_ratio(
   name = 'scale_by_frobenius_ratio'
 
   def init_fn(params):
-    layers.check_float_leaves(params, name, 'params')
+    validation.check_float_leaves(params, name, 'params')
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax's transforms do
-    layers.check_updates_and_params(updates, params, name)
-    axes = layers.resolve_layer_axes(layer_axes, params)
-    names = layers.resolve_axis_name(axis_name, params)
-
-    return jax.tree.map(
-        lambda g, w, ax, an: _scale(g, w, axes=ax, axis_name=an),
-        updates, params, axes, names), state
+    validation.check_updates_and_params(updates, params, name)
+    found = layers.find_layers(params, layer_axes, axis_name, name=name)
+    ws, gs = found.leaves(params), found.leaves(updates)
+    w_sq, g_sq = layers.sq_norms(found, ws, gs)
+    return found.unflatten([
+        _scale(*args) for args in zip(gs, ws, w_sq, g_sq, strict=True)
+    ]), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -149,18 +188,18 @@ def prefactor_correction(
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
     (Algorithm 1)
   """
-  layers.check_hyperparameter(
-      learning_rate, 'learning_rate', allow_callable=True
-  )
   name = 'prefactor_correction'
+  validation.check_hyperparameter(
+      learning_rate, 'learning_rate', name, allow_callable=True
+  )
 
   def init_fn(params):
-    layers.check_float_leaves(params, name, 'params')
+    validation.check_float_leaves(params, name, 'params')
     return PrefactorCorrectionState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted and ignored, as optax's transforms do
-    layers.check_updates_and_params(updates, params, name)
+    validation.check_updates_and_params(updates, params, name)
     eta = eta_at(learning_rate, state.count)
 
     def correct(u, w):
@@ -229,29 +268,71 @@ def norm_clip_to_init(
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
     (section 6, "constraining the neural architecture")
   """
-  layers.check_hyperparameter(p_bound, 'p_bound', positive=True)
   name = 'norm_clip_to_init'
+  validation.check_hyperparameter(p_bound, 'p_bound', name, positive=True)
+  return _rescale_to_init(name, p_bound, False, layer_axes, axis_name,
+                          NormClipToInitState)
 
-  def init_fn(params):
-    layers.check_float_leaves(params, name, 'params')
-    axes = layers.resolve_layer_axes(layer_axes, params)
-    names = layers.resolve_axis_name(axis_name, params)
-    return NormClipToInitState(
-        init_norms=jax.tree.map(
-            lambda w, ax, an: jnp.sqrt(layers.sq_norms(w, ax, an)),
-            params, axes, names,
-        )
-    )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args  # accepted and ignored, as optax's transforms do
-    layers.check_updates_and_params(updates, params, name)
-    axes = layers.resolve_layer_axes(layer_axes, params)
-    names = layers.resolve_axis_name(axis_name, params)
+class NormProjectToInitState(NamedTuple):
+  """State of :func:`norm_project_to_init`."""
 
-    return jax.tree.map(
-        lambda u, w, w0, ax, an: _clip(u, w, w0, p_bound, axes=ax,
-                                       axis_name=an),
-        updates, params, state.init_norms, axes, names), state
+  # Like params: each leaf holds its layers' norms at init, float32 (float64
+  # for float64 leaves), one per layer, size 1 on every non-layer axis.
+  init_norms: optax.Params
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def norm_project_to_init(
+    scale: float = 1.0,
+    *,
+    layer_axes: layers.LayerAxes = None,
+    axis_name: layers.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Keeps each layer's norm at exactly `scale` times its norm at `init`.
+
+  With `W' = W + u` the parameters the incoming update leads to, every layer
+  is rescaled onto `||W'|| = scale * ||W0||` (`W0`: the params given to
+  `init`). Layers with `||W0|| = 0` (zero-initialised biases) are left free,
+  as :func:`norm_clip_to_init` leaves them, and so is a layer whose `W'` is
+  0 (it has no direction to rescale).
+
+  Fromage's prefactor keeps a layer's norm only when the step is orthogonal
+  to `W`, which raw gradients of scale-invariant layers are and Adam's,
+  momentum's or Muon's directions are not: after
+  `optax.chain(direction, fromage(eta))`, a layer's norm changes by about
+  `-eta * cos(W, direction)` of itself each step, and the changes compound.
+  Put this transform last to hold every norm fixed (the "hyperball"
+  methods).
+
+  Args:
+    scale: the norm to hold, relative to the initial norm; finite and > 0.
+    layer_axes: which axes of a leaf index separate layers; see
+      :func:`scale_by_frobenius_ratio`.
+    axis_name: mesh axis name(s) across which leaves are sharded inside
+      `jax.shard_map`; see :func:`scale_by_frobenius_ratio`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose state holds one
+    norm per layer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import fromage_jax
+    >>> tx = optax.chain(optax.scale_by_adam(), fromage_jax.fromage(0.1),
+    ...                  fromage_jax.norm_project_to_init())
+    >>> params = jnp.array([3.0, 4.0])  # norm 5
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([1.0, 0.0]), state, params)
+    >>> print(f"{jnp.linalg.norm(optax.apply_updates(params, updates)):.4f}")
+    5.0000
+
+  References:
+    Bernstein et al, `On the distance between two neural networks and the
+    stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020
+    (section 6, "constraining the neural architecture")
+  """
+  name = 'norm_project_to_init'
+  validation.check_hyperparameter(scale, 'scale', name, positive=True)
+  return _rescale_to_init(name, scale, True, layer_axes, axis_name,
+                          NormProjectToInitState)
