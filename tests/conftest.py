@@ -1,8 +1,12 @@
-"""Import-path setup only: lets test files do `from tests.tree_asserts import ...`."""
+"""The tests in `tests/multidevice` need several devices, which JAX can only
+be given before it starts (forced CPU devices), so they run in a process of
+their own: `tests/test_multidevice.py` starts it. Any other process skips
+collecting them."""
 
-import pathlib
-import sys
+import os
 
-_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+FORCED_DEVICES = 'xla_force_host_platform_device_count'
+
+collect_ignore = (
+    [] if FORCED_DEVICES in os.environ.get('XLA_FLAGS', '') else ['multidevice']
+)

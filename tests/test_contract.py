@@ -11,7 +11,6 @@ problems in float32 and bfloat16.
 """
 
 import functools
-import re
 
 import chex
 import jax
@@ -356,24 +355,3 @@ def test_alias_follows_the_chain_of_its_transforms_for_100_steps(
     norm = np.linalg.norm(np.asarray(ours['w'][-1], np.complex128))
     assert norm >= 0.99 * p_bound * np.linalg.norm(
         np.asarray(params['w'], np.complex128))
-
-
-def _kernels(tx, params) -> int:
-  """Kernels XLA compiles one jitted step to (fusions and library calls)."""
-  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
-  step = jax.jit(lambda p, s, g: optax.apply_updates(p, tx.update(g, s, p)[0]))
-  text = step.lower(params, tx.init(params), grads).compile().as_text()
-  return len(re.findall(r' (?:fusion|custom-call)\(', text))
-
-
-@pytest.mark.skipif(jax.default_backend() != 'cpu',
-                    reason='kernel counts of XLA:CPU')
-def test_fused_update_computes_each_layers_coefficients_in_one_kernel():
-  """`fused._coefficients`: with `p_bound`, a small layer costs 3 kernels
-  (its sums, its coefficients, its update), as in 0.1.0; written inline,
-  XLA:CPU split the coefficients into more (6 kernels a layer here), and
-  compile time nearly doubled."""
-  params = {f'layer{i}': jnp.full((8 + i, 6), 1.0 + i) for i in range(10)}
-  kernels = _kernels(fj.fromage(0.01, p_bound=2.0), params)
-  assert kernels <= 3 * len(params) + 2, kernels
-
