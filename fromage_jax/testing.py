@@ -10,7 +10,7 @@ Frobenius norms over a layer's elements, with `|z|**2` for complex entries.
 
 The update, per layer, at step t with learning rate `eta_t`::
 
-  r  = ||W|| / ||g||   if both norms > 0, else 1
+  r  = ||W|| / max(||g||, floor)   if both norms > 0, else 1
   W' = (W - eta_t * r * g) / sqrt(1 + eta_t**2)
   if p_bound and ||W0|| > 0 and ||W'|| > p_bound * ||W0||:
     W' = W' * p_bound * ||W0|| / ||W'||
@@ -48,6 +48,7 @@ __all__ = (
     'frobenius_ratio_direction',
     'layer_norms',
     'prefactor',
+    'project_to_init',
     'relative_update_norms',
 )
 
@@ -127,17 +128,19 @@ def layer_norms(params, layer_axes=None):
   )
 
 
-def frobenius_ratio_direction(params, grads, layer_axes=None):
+def frobenius_ratio_direction(params, grads, layer_axes=None,
+                              grad_norm_floor=0.0):
   """Step 1 of the update: the direction `r * g`.
 
   Args:
     params: the current params `W`.
     grads: the gradients `g`, a pytree like `params`.
     layer_axes: which axes of each leaf index its layers (see the module).
+    grad_norm_floor: the floor on `||g||` in the ratio (0: none).
 
   Returns:
-    A pytree like `grads` of `r * g` with `r = ||W|| / ||g||` per layer, or
-    `r = 1` where either norm is 0.
+    A pytree like `grads` of `r * g` with `r = ||W|| / max(||g||, floor)`
+    per layer, or `r = 1` where either norm is 0.
 
   Example:
     >>> import numpy as np
@@ -152,7 +155,8 @@ def frobenius_ratio_direction(params, grads, layer_axes=None):
   def leaf(ax, w, g):
     nw, ng = _norms(w, ax), _norms(g, ax)
     ok = (nw > 0) & (ng > 0)
-    r = np.where(ok, nw / np.where(ok, ng, 1.0), 1.0)
+    r = np.where(ok, nw / np.where(ok, np.maximum(ng, grad_norm_floor), 1.0),
+                 1.0)
     return r * _as64(g)
 
   return _per_layer(leaf, layer_axes, params, grads)
@@ -219,9 +223,44 @@ def clip_to_init(new_params, init_norms, p_bound, layer_axes=None):
   return out, count[0]
 
 
+def project_to_init(new_params, init_norms, scale=1.0, layer_axes=None):
+  """`norm_project_to_init`: each layer's norm exactly `scale * ||W0||`.
+
+  Layers with `||W0|| = 0`, and layers whose new params are all zero, are
+  left as they are.
+
+  Args:
+    new_params: the params `W'` that the incoming update leads to.
+    init_norms: `layer_norms(W0, layer_axes)` of the initial params `W0`.
+    scale: the norm to hold, relative to the initial norm.
+    layer_axes: which axes of each leaf index its layers (see the module).
+
+  Returns:
+    The projected params, in float64.
+
+  Example:
+    >>> import numpy as np
+    >>> from fromage_jax import testing
+    >>> w0 = {'w': np.array([3.0, 4.0]), 'b': np.zeros(2)}
+    >>> out = testing.project_to_init({'w': np.array([6.0, 0.0]),
+    ...                                'b': np.array([1.0, 1.0])},
+    ...                               testing.layer_norms(w0))
+    >>> out['w'], out['b']  # ||w|| back to 5; b (zero at init) left free
+    (array([5., 0.]), array([1., 1.]))
+  """
+
+  def leaf(ax, w, n0):
+    w = _as64(w)
+    n, target = _norms(w, ax), scale * np.asarray(n0, np.float64)
+    ok = (target > 0) & (n > 0)
+    return np.where(ok, w * target / np.where(ok, n, 1.0), w)
+
+  return _per_layer(leaf, layer_axes, new_params, init_norms)
+
+
 def fromage_step(
     params, grads, eta, *, p_bound=None, init_norms=None, layer_axes=None,
-    return_num_clipped=False,
+    grad_norm_floor=0.0, return_num_clipped=False,
 ):
   """One Fromage step in float64; returns the new params (not the update).
 
@@ -232,6 +271,7 @@ def fromage_step(
     p_bound: if given, clip each layer to `p_bound * ||W0||`.
     init_norms: `layer_norms(W0, layer_axes)`, needed with `p_bound`.
     layer_axes: which axes of each leaf index its layers (see the module).
+    grad_norm_floor: the floor on `||g||` in the ratio (0: none).
     return_num_clipped: also return how many layers were clipped.
 
   Returns:
@@ -250,7 +290,8 @@ def fromage_step(
     0.10
   """
   eta = float(eta)
-  direction = frobenius_ratio_direction(params, grads, layer_axes)
+  direction = frobenius_ratio_direction(params, grads, layer_axes,
+                                        grad_norm_floor)
   step = _map(lambda d: -eta * d, direction)
   new = prefactor(params, step, eta)
   clipped = 0

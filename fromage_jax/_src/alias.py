@@ -13,6 +13,7 @@ def fromage(
     learning_rate: optax.ScalarOrSchedule = 0.01,
     *,
     p_bound: float | None = None,
+    grad_norm_floor: float = 0.0,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -29,6 +30,12 @@ def fromage(
   and so learn, unlike :func:`optax.fromage` whose default `min_norm=1e-6`
   leaves them frozen. With `p_bound`, each layer's norm is kept within
   `p_bound` times its norm at `init`.
+
+  A relative step never shrinks by itself: near a minimum every layer still
+  moves by `eta_t` of its norm, so with a constant `eta` the loss climbs back
+  after a while. Decay `eta` (an optax schedule, or
+  :func:`fromage_on_plateau`), as the paper does; or set `grad_norm_floor`,
+  which shrinks a layer's step once its gradient norm is below the floor.
 
   It is the chain `optax.named_chain` of :func:`scale_by_frobenius_ratio`,
   :func:`optax.scale_by_learning_rate`, :func:`prefactor_correction` and,
@@ -55,6 +62,9 @@ def fromage(
       update count.
     p_bound: if given, bound each layer's norm by `p_bound` times its initial
       norm (finite, > 0).
+    grad_norm_floor: a lower bound on each layer's gradient norm in the
+      ratio `||W|| / ||g||` (finite, >= 0; 0 is none); see
+      :func:`scale_by_frobenius_ratio`.
     layer_axes: axes of a leaf that index stacked layers (e.g. `(0,)` for an
       `nnx.scan` stack); see :func:`scale_by_frobenius_ratio`.
     axis_name: inside `jax.shard_map`, the mesh axis name(s) across which
@@ -103,7 +113,8 @@ def fromage(
     prefactor = transform.prefactor_correction(learning_rate)
     parts = [
         ('scale_by_frobenius_ratio', transform.scale_by_frobenius_ratio(
-            layer_axes=layer_axes, axis_name=axis_name)),
+            grad_norm_floor=grad_norm_floor, layer_axes=layer_axes,
+            axis_name=axis_name)),
         ('scale_by_learning_rate',
          optax.scale_by_learning_rate(learning_rate)),
         ('prefactor_correction', prefactor),
@@ -115,5 +126,6 @@ def fromage(
     return validation.named(optax.named_chain(*parts), name)
   # The same chain; its update computed in one pass (see `fused`).
   return validation.named(
-      fused.fuse_clip(parts, learning_rate, p_bound, layer_axes, axis_name),
+      fused.fuse_clip(parts, learning_rate, p_bound, grad_norm_floor,
+                      layer_axes, axis_name),
       name)

@@ -29,10 +29,10 @@ from fromage_jax._src import validation
 _CLIP = 'norm_clip_to_init'
 
 
-def _coefficients(w_sq, g_sq, w_g, w0_norm, eta, p_bound):
+def _coefficients(w_sq, g_sq, w_g, w0_norm, eta, p_bound, floor):
   """`(s - 1, s a)` of each layer: its update is `(s - 1) W - s a g`."""
   eta_t = jnp.asarray(eta, w_sq.dtype)
-  a = eta_t * transform.frobenius_ratio(w_sq, g_sq)
+  a = eta_t * transform.frobenius_ratio(w_sq, g_sq, floor)
   new_sq = jnp.maximum(w_sq - 2 * a * w_g + jnp.square(a) * g_sq, 0)
   root = jnp.sqrt(1 + jnp.square(eta_t))  # the prefactor is 1 / root
   f = transform.clip_factor(layers.norm(new_sq) / root, w0_norm, p_bound)
@@ -44,9 +44,9 @@ def _coefficients(w_sq, g_sq, w_g, w0_norm, eta, p_bound):
 
 
 @layers.per_leaf
-def _update(w, g, w_sq, g_sq, w_g, init_norm, eta, p_bound):
+def _update(w, g, w_sq, g_sq, w_g, init_norm, eta, p_bound, floor):
   dtype = layers.compute_dtype(w.dtype, g.dtype)
-  c_w, c_g = _coefficients(w_sq, g_sq, w_g, init_norm, eta, p_bound)
+  c_w, c_g = _coefficients(w_sq, g_sq, w_g, init_norm, eta, p_bound, floor)
   return (c_w * w.astype(dtype) - c_g * g.astype(dtype)).astype(w.dtype)
 
 
@@ -54,6 +54,7 @@ def fuse_clip(
     parts: list[tuple[str, optax.GradientTransformationExtraArgs]],
     learning_rate: optax.ScalarOrSchedule,
     p_bound: float,
+    grad_norm_floor: float,
     layer_axes: layers.LayerAxes,
     axis_name: layers.AxisName,
 ) -> optax.GradientTransformationExtraArgs:
@@ -67,7 +68,7 @@ def fuse_clip(
     eta = transform.eta_at(learning_rate, state['prefactor_correction'].count)
     sums = layers.inner_products(found, (ws, ws), (gs, gs), (ws, gs))
     new_updates = found.unflatten([
-        _update(*args, eta, p_bound) for args in
+        _update(*args, eta, p_bound, grad_norm_floor) for args in
         zip(ws, gs, *sums, found.leaves(state[_CLIP].init_norms), strict=True)
     ])
     # The chain's own state transition: its counts advance as they would

@@ -38,6 +38,7 @@ def fromage_on_plateau(
     accumulation_size: int = 1,
     min_scale: float = 0.0,
     p_bound: float | None = None,
+    grad_norm_floor: float = 0.0,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -66,6 +67,7 @@ def fromage_on_plateau(
     accumulation_size: number of loss values averaged before each check.
     min_scale: the scale never falls below this.
     p_bound: as in :func:`fromage`.
+    grad_norm_floor: as in :func:`fromage`.
     layer_axes: as in :func:`fromage`.
     axis_name: as in :func:`fromage`.
 
@@ -107,6 +109,7 @@ def fromage_on_plateau(
   validation.check_hyperparameter(
       p_bound, 'p_bound', name, positive=True, allow_none=True
   )
+  validation.check_hyperparameter(grad_norm_floor, 'grad_norm_floor', name)
   for value, arg in ((factor, 'factor'), (rtol, 'rtol'), (atol, 'atol'),
                      (min_scale, 'min_scale')):
     validation.check_hyperparameter(value, arg, name)
@@ -132,10 +135,11 @@ def fromage_on_plateau(
   # inject_hyperparams keeps whatever the step sets); the schedule, if any,
   # is evaluated at inject_hyperparams' own count.
   fromage = optax.inject_hyperparams(
-      alias.fromage, static_args=('p_bound', 'layer_axes', 'axis_name'),
+      alias.fromage,
+      static_args=('p_bound', 'grad_norm_floor', 'layer_axes', 'axis_name'),
       hyperparam_dtype=jnp.float32,  # whatever the params' dtype
-  )(learning_rate=0.0, p_bound=p_bound, layer_axes=layer_axes,
-    axis_name=axis_name)
+  )(learning_rate=0.0, p_bound=p_bound, grad_norm_floor=grad_norm_floor,
+    layer_axes=layer_axes, axis_name=axis_name)
 
   def eta_at(count):
     return jnp.asarray(transform.eta_at(learning_rate, count), jnp.float32)

@@ -16,10 +16,13 @@ def eta_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def frobenius_ratio(w_sq: jax.Array, g_sq: jax.Array) -> jax.Array:
-  """`||W|| / ||g||` from the squared norms; 1 where either is zero."""
+def frobenius_ratio(w_sq: jax.Array, g_sq: jax.Array,
+                    floor=0.0) -> jax.Array:
+  """`||W|| / max(||g||, floor)` from the squared norms; 1 where either norm
+  is zero."""
   ok = jnp.logical_and(w_sq > 0, g_sq > 0)
-  return layers.divide_where(ok, layers.norm(w_sq), layers.norm(g_sq))
+  return layers.divide_where(ok, layers.norm(w_sq),
+                             jnp.maximum(layers.norm(g_sq), floor))
 
 
 def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
@@ -31,9 +34,9 @@ def clip_factor(new_norm, init_norm, p_bound) -> jax.Array:
 
 
 @layers.per_leaf
-def _scale(g, w, w_sq, g_sq):
+def _scale(g, w, w_sq, g_sq, floor):
   out = g.astype(layers.compute_dtype(g.dtype, w.dtype)) * frobenius_ratio(
-      w_sq, g_sq)
+      w_sq, g_sq, floor)
   return out.astype(jnp.promote_types(g.dtype, w.dtype))
 
 
@@ -85,6 +88,7 @@ def _rescale_to_init(name, bound, project, layer_axes, axis_name, state):
 
 def scale_by_frobenius_ratio(
     *,
+    grad_norm_floor: float = 0.0,
     layer_axes: layers.LayerAxes = None,
     axis_name: layers.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -98,7 +102,15 @@ def scale_by_frobenius_ratio(
   floating dtype than their params (mixed precision); the result has the
   wider of the two, so that later transforms still see float32 values.
 
+  With `grad_norm_floor > 0` the ratio is `||W|| / max(||g||, floor)`: once a
+  layer's gradient norm falls below the floor, its step shrinks with the
+  gradient instead of staying `||W||` long. The zero-norm rule is unchanged,
+  so zero-initialised layers still learn (unlike :func:`optax.fromage`, whose
+  `min_norm` floors `||W||` too).
+
   Args:
+    grad_norm_floor: a lower bound on each layer's gradient norm in the
+      ratio (finite, >= 0; 0, the default, is no floor).
     layer_axes: which axes of a leaf index separate layers: `None` (every leaf
       is one layer), a tuple of axes for every leaf (e.g. `(0,)` for a stack of
       `[L, d_in, d_out]` kernels), a pytree prefix of such tuples, or a
@@ -127,6 +139,7 @@ def scale_by_frobenius_ratio(
     stability of learning <https://arxiv.org/abs/2002.03432>`_, 2020 (eq. 5)
   """
   name = 'scale_by_frobenius_ratio'
+  validation.check_hyperparameter(grad_norm_floor, 'grad_norm_floor', name)
 
   def init_fn(params):
     validation.check_float_leaves(params, name, 'params')
@@ -139,7 +152,8 @@ def scale_by_frobenius_ratio(
     ws, gs = found.leaves(params), found.leaves(updates)
     w_sq, g_sq = layers.sq_norms(found, ws, gs)
     return found.unflatten([
-        _scale(*args) for args in zip(gs, ws, w_sq, g_sq, strict=True)
+        _scale(*args, grad_norm_floor)
+        for args in zip(gs, ws, w_sq, g_sq, strict=True)
     ]), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
