@@ -15,13 +15,15 @@
     python -m benchmarks.gpu.run [--quick] [--cpu] [--out PATH]
         [--trees NAME ...] [--hlo DIR] [--profile DIR]
 
-The Markdown is rewritten after each tree, so a run cut short keeps what it
-measured. `--hlo` and `--profile` save the compiled HLO and a jax.profiler
+Writes the run's JSON beside the page `--out` and renders its tables into
+that page, both after each tree, so a run cut short keeps what it measured. `--hlo` and `--profile` save the compiled HLO and a jax.profiler
 trace of the GPT-2-like step. `--cpu` runs everything on the CPU (a test
 does, with `--quick`)."""
 
 import argparse
 import os
+import pathlib
+import statistics
 import sys
 import time
 
@@ -33,15 +35,23 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
+from benchmarks import lm_step  # noqa: E402
+from benchmarks import render  # noqa: E402
 from benchmarks import step_time  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from benchmarks import trees as zoo  # noqa: E402
 import fromage_jax  # noqa: E402
 from fromage_jax import testing  # noqa: E402
 
+TITLE = 'fromage_jax on an accelerator'
 
-def check_against_reference(steps: int = 5) -> list[str]:
-  """Max relative error per case of device steps against float64 NumPy."""
+
+def check_against_reference(steps: int = 5) -> dict:
+  """Per case, the max relative error of device steps against float64 NumPy
+  (`error`) and the `tolerance` it must stay within."""
   rng = np.random.default_rng(0)
-  rows = []
+  checks = {}
   cases = {
       'float32': (jnp.float32, None, None, 1e-5),
       'float32, p_bound=1.05': (jnp.float32, 1.05, None, 1e-5),
@@ -84,9 +94,8 @@ def check_against_reference(steps: int = 5) -> list[str]:
       # Continue both from the device's params, so errors don't compound.
       ref = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32),
                                               np.float64), dev)
-    status = 'ok' if worst <= tol else 'FAILED'
-    rows.append(f'| {case} | {worst:.2e} | {tol:.0e} | {status} |')
-  return rows
+    checks[case] = dict(error=worst, tolerance=tol)
+  return checks
 
 
 def copy_bandwidth(n_bytes: int, rounds: int, loop: int) -> float:
@@ -110,32 +119,40 @@ def copy_bandwidth(n_bytes: int, rounds: int, loop: int) -> float:
   return 2 * x.nbytes / float(np.median(times))
 
 
-CHAIN = step_time.CHAIN
+# Minimum traffic per step, in passes over the params' bytes. Adam reads
+# params, gradients and both moments and writes three of them.
+PASSES = {'optax.sgd': 3, 'optax.adam': 7, 'fromage_jax.fromage': 5,
+          'fromage_jax.fromage(p_bound)': 5, 'optax.fromage': 5,
+          timing.CHAIN: 5}
 
 
-def bandwidth_table(rows: dict, copy_bps: float) -> list[str]:
-  """Achieved bandwidth of the GPT-2-like step, against the copy's."""
-  param_bytes = rows['_tree']['param_bytes']
-  lines = [
-      f'Device-to-device copy of {param_bytes / 1e6:.0f} MB: '
-      f'{copy_bps / 1e9:.1f} GB/s (read + write).',
-      '',
-      '| optimizer | step (ms) | modelled traffic (MB) | achieved GB/s '
-      '| of copy |',
-      '| --- | ---: | ---: | ---: | ---: |',
-  ]
-  # Minimum traffic per step, in passes over the params' bytes.
-  # Adam reads params, gradients and both moments and writes three of them.
-  passes = {'optax.sgd': 3, 'optax.adam': 7, 'fromage_jax.fromage': 5,
-            'fromage_jax.fromage(p_bound)': 5, 'optax.fromage': 5,
-            CHAIN: 5}
-  for name, n in passes.items():
-    r = rows[name]
-    bps = n * param_bytes / r['step_s']
-    lines.append(f'| `{name}` | {r["step_s"] * 1e3:.3f} '
-                 f'| {n * param_bytes / 1e6:.0f} | {bps / 1e9:.1f} '
-                 f'| {bps / copy_bps:.0%} |')
-  return lines
+def tables(data: dict) -> list:
+  checks = render.Table(
+      ['case', 'max relative error', 'tolerance', 'within'],
+      [[case, f'{c["error"]:.2e}', f'{c["tolerance"]:.0e}',
+        'ok' if c['error'] <= c['tolerance'] else 'FAILED']
+       for case, c in data['checks'].items()],
+      title='Against the float64 NumPy reference')
+  out = [checks]
+  copy_bps = data['copy_bps']
+  for name, tree in data['trees'].items():
+    if name.startswith('GPT-2'):  # the trees with the plan's 80% target
+      traffic = tree['param_bytes']
+      rows = []
+      for opt, n in PASSES.items():
+        step_s = statistics.median(tree['optimizers'][opt]['times'])
+        bps = n * traffic / step_s
+        rows.append([f'`{opt}`', f'{step_s * 1e3:.3f}',
+                     f'{n * traffic / 1e6:.0f}', f'{bps / 1e9:.1f}',
+                     f'{bps / copy_bps:.0%}'])
+      out.append(render.Table(
+          ['optimizer', 'step (ms)', 'modelled traffic (MB)', 'achieved GB/s',
+           'of copy'], rows, title=f'Bandwidth: {name}',
+          note=f'Device-to-device copy of {traffic / 1e6:.0f} MB: '
+          f'{copy_bps / 1e9:.1f} GB/s (read + write).'))
+  out += [t for name, tree in data['trees'].items()
+          for t in step_time.tree_tables(name, tree, kernels=True)]
+  return out + ([step_time.lm_table(data['lm'])] if data['lm'] else [])
 
 
 def main(argv=None) -> int:
@@ -143,10 +160,12 @@ def main(argv=None) -> int:
   parser.add_argument('--quick', action='store_true',
                       help='small trees and few rounds')
   parser.add_argument('--cpu', action='store_true', help='run on the CPU')
-  parser.add_argument('--out', default=None,
-                      help='Markdown results file, rewritten after each tree')
-  parser.add_argument('--trees', nargs='*', default=list(step_time.TREES),
-                      choices=list(step_time.TREES),
+  parser.add_argument('--out', default=str(common.RESULTS_DIR / 'gpu.md'),
+                      help='the results page, its JSON beside it, both '
+                      'rewritten after each tree (default '
+                      'benchmarks/results/gpu.md)')
+  parser.add_argument('--trees', nargs='*', default=list(zoo.TREES),
+                      choices=list(zoo.TREES),
                       help='trees to time, in order')
   parser.add_argument('--hlo', default=None,
                       help='directory for the compiled HLO of the GPT-2-like '
@@ -155,76 +174,57 @@ def main(argv=None) -> int:
                       help='directory for a jax.profiler trace of the fused '
                       'step on the GPT-2-like tree')
   args = parser.parse_args(argv)
-  rounds = 3 if args.quick else 20
-  scale = 0.002 if args.quick else 1.0
-  # Steps in one call: the device's time, without the host's dispatch.
-  loop = 2 if args.quick else 10
-  start = time.perf_counter()
-
-  checks = check_against_reference(steps=2 if args.quick else 5)
-  header = [
-      '# fromage_jax on an accelerator',
-      '',
-      f'Device: {step_time.machine()}; jax {jax.__version__}.',
-      '',
-      '## Against the float64 NumPy reference',
-      '',
-      '| case | max relative error | tolerance | |',
-      '| --- | ---: | ---: | --- |',
-      *checks,
-  ]
+  # Steps in one call (`loop`): the device's time, without the host's
+  # dispatch.
+  config = (dict(rounds=3, scale=0.002, loop=2, check_steps=2) if args.quick
+            else dict(rounds=20, scale=1.0, loop=10, check_steps=5))
   # --quick (a test) times the GPT-2-like trees alone: compiling the others
   # takes minutes on a small CPU.
-  trees = [t for t in step_time.TREES if t.startswith('GPT-2')
-           ] if args.quick else args.trees
-  results, copy_bps, lm = {}, None, None
+  config['trees'] = [t for t in zoo.TREES if t.startswith('GPT-2')
+                     ] if args.quick else args.trees
+  out = pathlib.Path(args.out)
+  start = time.perf_counter()
+  data = dict(checks=check_against_reference(config['check_steps']),
+              copy_bps=None, trees={}, lm=None)
 
-  def write():
-    md = '\n'.join(header)
-    for tree in results:
-      if tree.startswith('GPT-2'):  # the trees with the plan's 80% target
-        md += f'\n\n## Bandwidth: {tree}\n\n' + '\n'.join(
-            bandwidth_table(results[tree], copy_bps))
-    md += '\n\n' + step_time.markdown(
-        results, rounds, time.perf_counter() - start, loop=loop,
-        kernels=True)
-    if lm is not None:
-      md += step_time.markdown_lm(lm)
-    if args.out:
-      os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-      with open(args.out, 'w') as f:
-        f.write(md)
-    return md
+  def save():
+    data.update(common.run_info('benchmarks.gpu.run',
+                                'quick' if args.quick else 'full',
+                                time.perf_counter() - start, config))
+    return render.save(data, out.with_suffix('.json'), out)
 
-  for tree in trees:
+  for tree in config['trees']:
     print(f'timing {tree} ...', flush=True)
-    shapes = step_time.TREES[tree](scale)
-    layer_axes = step_time.LAYER_AXES.get(tree)
-    results[tree] = step_time.bench_tree(
-        shapes, rounds, loop=loop, layer_axes=layer_axes,
-        extra={CHAIN: step_time.public_chain(0.01, layer_axes=layer_axes)})
-    if copy_bps is None and tree.startswith('GPT-2'):
-      copy_bps = copy_bandwidth(results[tree]['_tree']['param_bytes'],
-                                rounds, loop)
+    shapes = zoo.TREES[tree](config['scale'])
+    layer_axes = zoo.LAYER_AXES.get(tree)
+    data['trees'][tree] = timing.bench_tree(
+        shapes, config['rounds'], loop=config['loop'], layer_axes=layer_axes,
+        extra={timing.CHAIN: timing.public_chain(0.01,
+                                                 layer_axes=layer_axes)})
+    if data['copy_bps'] is None and tree.startswith('GPT-2'):
+      data['copy_bps'] = copy_bandwidth(data['trees'][tree]['param_bytes'],
+                                        config['rounds'], config['loop'])
     if tree == 'GPT-2 small':
       if args.hlo:
         dump_hlo(shapes, args.hlo)
       if args.profile:
-        profile(shapes, args.profile, loop)
+        profile(shapes, args.profile, config['loop'])
       if not args.quick:
         print('timing the transformer LM ...', flush=True)
-        lm = step_time.bench_lm(rounds, loop=loop)
-    write()
-  print(write())
-  return 0 if all('FAILED' not in row for row in checks) else 1
+        data['lm'] = lm_step.bench_lm(config['rounds'], loop=config['loop'])
+    save()
+  print(save().read_text())
+  failed = [c for c in data['checks'].values()
+            if not c['error'] <= c['tolerance']]
+  return 1 if failed else 0
 
 
 def profile(shapes, directory: str, loop: int) -> None:
   """A jax.profiler trace of three calls of the fused step (`loop` each)."""
-  params, grads = step_time.materialise(shapes, seed=0)
+  params, grads = zoo.materialise(shapes, seed=0)
   tx = fromage_jax.fromage(0.01)
   state = tx.init(params)
-  compiled, _ = step_time.compile_step(tx, params, state, grads, loop)
+  compiled, _ = timing.compile_step(tx, params, state, grads, loop)
   params, state = jax.block_until_ready(compiled(params, state, grads))
   with jax.profiler.trace(directory):
     for _ in range(3):
@@ -234,11 +234,11 @@ def profile(shapes, directory: str, loop: int) -> None:
 def dump_hlo(shapes, directory: str) -> None:
   """Writes the optimised HLO of each fromage_jax step, for reading later."""
   os.makedirs(directory, exist_ok=True)
-  params, grads = step_time.materialise(shapes, seed=0)
+  params, grads = zoo.materialise(shapes, seed=0)
   for name, tx in {'fromage': fromage_jax.fromage(0.01),
                    'fromage_p_bound': fromage_jax.fromage(0.01, p_bound=2.0),
                    'sgd': optax.sgd(0.01)}.items():
-    compiled, _ = step_time.compile_step(tx, params, tx.init(params), grads)
+    compiled, _ = timing.compile_step(tx, params, tx.init(params), grads)
     with open(os.path.join(directory, f'{name}.hlo.txt'), 'w') as f:
       f.write(compiled.as_text())
 

@@ -5,7 +5,8 @@
     python -m benchmarks.paper.depth [--quick] [--out DIR]
     python -m benchmarks.paper.sensitivity [--quick | --large] [--out DIR]
 
-The first three write `<name>.md` and `<name>.png` into `--out` (by default
-`benchmarks/results/`); `sensitivity` (figure 4 and table 1, on the four
-tasks of `benchmarks.paper.tasks`) writes `sensitivity.png` and `table1.md`.
+Each writes its run to `<name>.json` in `--out` (by default
+`benchmarks/results/`), draws `<name>.png` from it and renders its tables
+into `<name>.md` (`sensitivity`, figure 4 and table 1 on the four tasks of
+`benchmarks.paper.tasks`: into `table1.md`) with `benchmarks.render`.
 """

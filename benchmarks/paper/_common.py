@@ -1,16 +1,20 @@
 """Shared pieces of the paper-figure scripts: data, bias-free MLPs, output."""
 
-import os
-import platform
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-RESULTS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'
-)
+from benchmarks import render
+from benchmarks.common import RESULTS_DIR
+
+# Defined in benchmarks.common, shared with the other benchmarks; re-exported
+# for the scripts that use them from here.
+from benchmarks.common import machine as machine
+from benchmarks.common import to_jsonable as to_jsonable
+from benchmarks.common import write_json as write_json
 
 
 def load_digits():
@@ -72,39 +76,6 @@ def accuracy(params, x, y, model=mlp):
   return jnp.mean(jnp.argmax(model(params, x), -1) == y)
 
 
-def machine() -> str:
-  """The machine, in words (platform, CPU, cores, library versions)."""
-  import optax as _optax
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    load = f', load average {os.getloadavg()[0]:.2f}'
-  except OSError:
-    load = ''
-  return (
-      f'{jax.devices()[0].platform} ({cpu}), {os.cpu_count()} CPU cores{load}; '
-      f'{platform.system()} {platform.release()}; python '
-      f'{platform.python_version()}, jax {jax.__version__}, optax '
-      f'{_optax.__version__}'
-  )
-
-
-def write_markdown(out: str, name: str, title: str, body: str) -> str:
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f'{name}.md')
-  with open(path, 'w') as f:
-    f.write(f'# {title}\n\n![{name}]({name}.png)\n\n{body.strip()}\n')
-  return path
-
-
 def figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
   """A matplotlib figure and its axes grid, without pyplot (no backend)."""
   from matplotlib.figure import Figure
@@ -114,31 +85,28 @@ def figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
   return fig, axes
 
 
-def to_jsonable(obj):
-  """Numbers, arrays and nested dicts/lists as plain JSON values."""
-  if isinstance(obj, dict):
-    return {str(k): to_jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, list | tuple):
-    return [to_jsonable(v) for v in obj]
-  if isinstance(obj, np.ndarray | jax.Array | np.generic):
-    arr = np.asarray(obj, dtype=float)
-    return np.where(np.isfinite(arr), arr, np.nan).tolist()
-  return obj
-
-
-def write_json(path, obj) -> None:
-  import json
-
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(to_jsonable(obj), f, allow_nan=True)
-
-
 def add_common_args(parser):
   parser.add_argument('--quick', action='store_true',
                       help='small sizes: seconds, for the tests and notebooks')
   parser.add_argument('--out', default=RESULTS_DIR,
-                      help='where <name>.md and <name>.png go (default '
+                      help='where <name>.json, .md and .png go (default '
                       'benchmarks/results)')
   parser.add_argument('--json', default=None,
-                      help='also write the measured numbers to this JSON file')
+                      help='the JSON file of the run (default: '
+                      '<out>/<name>.json)')
+
+
+def publish(args, name: str, data: dict | None, page: str | None = None):
+  """Writes a run's JSON (`--json`, else `<out>/<name>.json`) and renders it
+  into `<out>/<page or name>.md`; with `data` None, renders the JSON of an
+  earlier run (`--render`) there instead. Prints the page; returns its
+  path."""
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f'{page or name}.md'
+  if data is None:
+    path = render.render(args.render, path)
+  else:
+    path = render.save(data, args.json or out / f'{name}.json', path)
+  print(path.read_text())
+  return path

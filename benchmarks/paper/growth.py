@@ -14,7 +14,6 @@ float32 overflows. Fromage's `1/sqrt(1 + eta**2)` prefactor keeps it flat.
 """
 
 import argparse
-import os
 import time
 
 import jax
@@ -23,36 +22,19 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from benchmarks import common
+from benchmarks import render
 from benchmarks.paper import _common
 import fromage_jax
 
 NAME = 'growth'
+TITLE = 'Figure 2: compounding growth of scale-invariant layers (digits)'
 # 10,000 steps: long enough for LARS at eta = 0.1 to overflow float32
 # (||W||^2 > 3.4e38 near t = 2 ln(1.8e19) / ln(1.01), about 8,900 steps).
 FULL = dict(etas=(0.01, 0.03, 0.1), steps=10_000, depth=4, width=64,
             batch_size=128, seed=0)
 QUICK = dict(etas=(0.1,), steps=200, depth=3, width=32, batch_size=128,
              seed=0)
-
-# Where this setup differs from the authors' (jxbz/fromage: figure 2 plots
-# the layer norms logged by `generate-cifar/main.py` with `--optim lars`).
-DIFFERENCES = """\
-## Where this differs from the authors' setup
-
-The authors' figure 2 comes from `generate-cifar/main.py` (jxbz/fromage) run with their `Lars` optimizer (`generate-cifar/lars.py`: the per-tensor step `g ||W|| / ||g||` without Fromage's prefactor, as `scale_by_frobenius_ratio` here).
-
-| | the authors | here |
-| --- | --- | --- |
-| model, data | a class-conditional GAN on CIFAR-10 (generator and discriminator), batch 256 | a {depth}-layer ReLU MLP classifier (width {width}) on the digits, batch {batch_size} |
-| scale invariance | spectral normalisation of the GAN's layers (norms logged of `weight_orig`, the raw weight) | Frobenius normalisation `sqrt(2 d_out) W / ||W||_F` of every layer, no biases |
-| optimizer | LARS and Fromage at eta = 0.01 for generator and discriminator, no momentum | the same rules, eta in {etas}, constant |
-| length | 100 epochs (the learning rate drops 10x at epoch 100) | {steps:,} steps |
-| measured | RMS of each `weight_orig` per epoch, plotted over epochs | each layer's `||W_t|| / ||W_0||` per step, against `(1+eta^2)^(t/2)` |
-| seeds | one | one (seed 0) |
-
-The claim tested is the same (without the prefactor a scale-invariant layer's norm compounds; Fromage's keeps it flat); the GAN, its data and its spectral normalisation are not reproduced.
-"""
-
 
 def scale_invariant_mlp(params, x):
   """Each layer multiplies by `sqrt(2 d_out) W / ||W||`: invariant to `||W||`."""
@@ -145,7 +127,29 @@ def first_nonfinite(rel):
   return int(np.argmax(bad)) + 1 if bad.any() else None
 
 
+def curve(r) -> dict:
+  """What the figure draws of a run, at the end of each of about 100 windows
+  of steps: the norm ratios, and the mean minibatch loss over the window
+  (the loss is noisy)."""
+  w = max(1, len(r['loss']) // 100)
+  m = len(r['loss']) // w * w
+  return dict(step=np.arange(w, m + 1, w), norm_ratio=r['rel'][w - 1:m:w],
+              loss=r['loss'][:m].reshape(-1, w).mean(1))
+
+
 def plot(results, etas, path=None):
+  return plot_curves({key: curve(r) for key, r in results.items()}, etas,
+                     path)
+
+
+def draw(data, path):
+  return plot_curves({(r['rule'], r['eta']): r['curve']
+                      for r in data['runs'].values()},
+                     data['config']['etas'], path)
+
+
+def plot_curves(curves, etas, path=None):
+  """`curves[(rule, eta)]` as `curve` makes them."""
   import matplotlib as mpl
 
   fig, axes = _common.figure(2, width=5.2, height=4.0)
@@ -153,19 +157,13 @@ def plot(results, etas, path=None):
   colors = mpl.colormaps['tab10'](np.arange(len(etas)))
   for c, eta in zip(colors, etas, strict=True):
     for rule, style in (('lars', '-'), ('fromage', '--')):
-      r = results[(rule, eta)]
-      t = np.arange(1, len(r['loss']) + 1)
+      r = curves[(rule, eta)]
+      label = f'{"LARS" if rule == "lars" else "Fromage"} $\\eta$={eta:g}'
       with np.errstate(all='ignore'):
-        geo = np.exp(np.log(r['rel']).mean(axis=1))
-      ax_n.plot(t, geo, style, color=c, lw=1.8,
-                label=f'{"LARS" if rule == "lars" else "Fromage"} $\\eta$={eta:g}')
-      # Mean over windows of ~1% of the run: the minibatch loss is noisy.
-      w = max(1, len(t) // 100)
-      m = len(t) // w * w
-      ax_l.plot(t[:m].reshape(-1, w).mean(1), r['loss'][:m].reshape(-1, w).mean(1),
-                style, color=c, lw=1.2,
-                label=f'{"LARS" if rule == "lars" else "Fromage"} $\\eta$={eta:g}')
-    t = np.arange(1, len(results[('lars', eta)]['loss']) + 1)
+        geo = np.exp(np.log(np.asarray(r['norm_ratio'])).mean(axis=1))
+      ax_n.plot(r['step'], geo, style, color=c, lw=1.8, label=label)
+      ax_l.plot(r['step'], r['loss'], style, color=c, lw=1.2, label=label)
+    t = np.asarray(curves[('lars', eta)]['step'])
     pred = prediction(eta, t)
     ax_n.plot(t[pred < 3e38], pred[pred < 3e38], ':', color='k', lw=1)
   ax_n.plot([], [], ':', color='k', label=r'$(1+\eta^2)^{t/2}$')
@@ -185,74 +183,52 @@ def plot(results, etas, path=None):
   return fig
 
 
-def summary(results, etas, steps) -> str:
-  lines = [
-      f'| rule | eta | norm ratio at step {steps} (min / max over layers) '
-      f'| (1+eta^2)^(t/2) | first non-finite step '
-      f'| mean minibatch loss, last {late_steps(steps)} steps '
-      f'| max abs cos(g, W) | steps with a zero layer gradient |',
-      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-  ]
-  for rule in ('lars', 'fromage'):
-    for eta in etas:
-      r = results[(rule, eta)]
-      last = r['rel'][-1]
-      bad = first_nonfinite(r['rel'])
-      lines.append(
-          f'| {"LARS" if rule == "lars" else "Fromage"} | {eta:g} '
-          f'| {np.min(last):.6g} / {np.max(last):.6g} '
-          f'| {prediction(eta, steps):.6g} | {bad or "none"} '
-          f'| {late_loss(r["loss"]):.3g} | {r["max_cos"]:.2g} '
-          f'| {r["zero_grad_steps"]} |')
-  return '\n'.join(lines)
+def to_data(results, cfg, wall, mode) -> dict:
+  """A run as plain values: what its JSON holds."""
+  steps = cfg['steps']
+  runs = {f'{rule}/{eta:g}': dict(
+      rule=rule, eta=eta, final_norm_ratio=r['rel'][-1],
+      prediction=prediction(eta, steps),
+      first_nonfinite_step=first_nonfinite(r['rel']),
+      first_loss=r['loss'][0], late_loss=late_loss(r['loss']),
+      max_cos=r['max_cos'], zero_grad_steps=r['zero_grad_steps'],
+      curve=curve(r)) for (rule, eta), r in results.items()}
+  return dict(common.run_info(f'benchmarks.paper.{NAME}', mode, wall, cfg),
+              runs=runs)
+
+
+def tables(data) -> list:
+  steps = data['config']['steps']
+  rows = []
+  for r in data['runs'].values():
+    last = np.asarray(r['final_norm_ratio'], float)
+    bad = r['first_nonfinite_step']
+    rows.append([
+        'LARS' if r['rule'] == 'lars' else 'Fromage', f'{r["eta"]:g}',
+        f'{np.nanmin(last):.6g} / {np.max(last):.6g}',
+        f'{r["prediction"]:.6g}', 'none' if bad is None else str(bad),
+        f'{r["late_loss"]:.3g}', f'{r["max_cos"]:.2g}',
+        f'{r["zero_grad_steps"]:.0f}'])
+  return [render.Table(
+      ['rule', 'eta', f'norm ratio at step {steps} (min / max over layers)',
+       '(1+eta^2)^(t/2)', 'first non-finite step',
+       f'mean minibatch loss, last {late_steps(steps)} steps',
+       'max abs cos(g, W)', 'steps with a zero layer gradient'], rows,
+      title='Norms and losses',
+      note='A norm ratio is `||W_t|| / ||W_0||`, nan where it overflowed.',
+      left=2)]
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   _common.add_common_args(parser)
   args = parser.parse_args(argv)
+  mode = 'quick' if args.quick else 'full'
   cfg = dict(QUICK if args.quick else FULL)
   start = time.perf_counter()
   results = run(**cfg)
-  wall = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, f'{NAME}.png')
-  plot(results, cfg['etas'], png)
-  settings = (
-      f'Mode: {"quick" if args.quick else "full"}. Bias-free ReLU MLP, '
-      f'{cfg["depth"]} layers, width {cfg["width"]}; each layer uses '
-      f'`sqrt(2 d_out) W / ||W||_F`, so the loss is invariant to each '
-      f'`||W_l||` and its gradient is orthogonal to `W_l`. He-normal init '
-      f'(seed {cfg["seed"]}); all 1,797 digits (standardised), batch '
-      f'{cfg["batch_size"]}, {cfg["steps"]} steps, shuffles from key '
-      f'{cfg["seed"] + 1}; the same init and batches for every run. LARS = '
-      f'`optax.chain(fromage_jax.scale_by_frobenius_ratio(), '
-      f'optax.scale_by_learning_rate(eta))`; Fromage = '
-      f'`fromage_jax.fromage(eta)`; eta in {list(cfg["etas"])}, constant. '
-      f'The runs over eta are vmapped; float32. In exact arithmetic LARS and '
-      f'Fromage give the same network function at every step here (each '
-      f'layer differs only by a positive scale, which the network ignores, '
-      f'and both steps are relative to `||W||`), so their losses differ '
-      f'only through float rounding, which the training dynamics amplify '
-      f'over some tens of steps.\n\n'
-      f'Machine: {_common.machine()}. Wall time: {wall:.1f} s.')
-  differences = DIFFERENCES.format(**{**cfg, 'etas': list(cfg['etas'])})
-  body = (f'{settings}\n\n{summary(results, cfg["etas"], cfg["steps"])}\n\n'
-          f'{differences}')
-  md = _common.write_markdown(args.out, NAME, 'Figure 2: compounding growth '
-                              'of scale-invariant layers (digits)', body)
-  if args.json:
-    _common.write_json(args.json, dict(
-        config=cfg, wall=wall,
-        runs={f'{rule}/{eta:g}': dict(
-            eta=eta, final_norm_ratio=r['rel'][-1],
-            prediction=prediction(eta, cfg['steps']),
-            first_nonfinite_step=first_nonfinite(r['rel']),
-            first_loss=r['loss'][0], late_loss=late_loss(r['loss']),
-            max_cos=r['max_cos'], zero_grad_steps=r['zero_grad_steps'])
-              for (rule, eta), r in results.items()}))
-  print(f'{body}\nwrote {png} and {md}')
-  return dict(results=results, config=cfg, wall=wall, png=png, md=md)
+  data = to_data(results, cfg, time.perf_counter() - start, mode)
+  return _common.publish(args, NAME, data)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ perturbed params: every layer moves by exactly `eta` relative to its norm).
 """
 
 import argparse
-import os
 import time
 
 import jax
@@ -22,36 +21,19 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from benchmarks import common
+from benchmarks import render
 from benchmarks.paper import _common
 import fromage_jax
 
 NAME = 'perturbation'
+TITLE = 'Figure 1: perturbation study (digits)'
 FULL = dict(depths=(2, 16), width=128, epochs=40, checkpoints=10,
             etas=tuple(np.logspace(-3, 0, 13)), batch_size=128, lr=0.01,
             seed=0)
 QUICK = dict(depths=(2, 16), width=32, epochs=4, checkpoints=3,
              etas=tuple(np.logspace(-3, 0, 7)), batch_size=128, lr=0.01,
              seed=0)
-
-# Where this setup differs from the authors' (jxbz/fromage,
-# `classify-mnist/curvature.ipynb`, logs under `make-plots/logs/mnist-curvature`).
-DIFFERENCES = """\
-## Where this differs from the authors' setup
-
-The authors' figure 1 comes from `classify-mnist/curvature.ipynb` (jxbz/fromage).
-
-| | the authors | here |
-| --- | --- | --- |
-| data | MNIST (60,000, global mean/std normalisation), full batch for the probes | the digits (1,797, standardised per pixel), full batch |
-| model | 1 or 15 hidden 784x784 ReLU layers plus the output layer (2 or 16 matrices), `nn.Linear` with biases; a residual variant too | 2 or 16 bias-free matrices, width {width}; no residual variant |
-| init | PyTorch's default (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weights and biases) | He-normal weights |
-| training | Fromage 0.01, x0.9 per epoch, batch 250, 10 epochs | Fromage {lr} constant, batch {batch_size}, {epochs} epochs |
-| checkpoints | the 16-matrix net: the start of each of 10 epochs; the 2-matrix net: steps 0, 12, 24, 48, 96 of epoch 0, then epochs 1, 3, 5, 7, 9 | {checkpoints} evenly spaced epochs from 0 to {epochs} |
-| perturbation | every tensor (biases too) moved along its checkpoint gradient by `eta ||W|| g / ||g||`, eta from 0 to 0.099 in 100 linear steps (tensors with a zero gradient left alone) | every matrix moved the same way, eta on a log grid from {eta_min:g} to {eta_max:g} (10x further) |
-| measured | full-batch loss and `||g_1(eta) - g_1|| / ||g_1||` of the input layer | the same, and deep relative trust's `(1+eta)^L - 1` beside it |
-| seeds | one | one (seed 0) |
-"""
-
 
 def perturb(params, grads, eta):
   """Every layer to `W - eta * g * ||W|| / ||g||`."""
@@ -165,81 +147,53 @@ def plot(results, etas, path=None):
   return fig
 
 
-def summary(results, etas) -> str:
-  lines = []
-  for depth, ckpts in results.items():
-    lines += [
-        f'### depth {depth}', '',
-        '| epoch | train loss | train acc | loss at eta 0.01 / 0.1 / 1 '
-        '| grad change at eta 0.01 / 0.1 / 1 | DRT (1+eta)^L-1 at 0.01 / 0.1 / 1 |',
-        '| ---: | ---: | ---: | ---: | ---: | ---: |',
-    ]
-    for ck in ckpts:
-      def trio(key, ck=ck):
-        return ' / '.join(f'{_at(etas, ck[key], e):.3g}' for e in (0.01, 0.1, 1))
-      lines.append(f'| {ck["epoch"]} | {ck["loss0"]:.4f} | {ck["acc"]:.4f} '
-                   f'| {trio("loss")} | {trio("change")} | {trio("drt")} |')
+def draw(data, path):
+  depths = {int(d): ckpts for d, ckpts in data['depths'].items()}
+  return plot(depths, data['config']['etas'], path)
+
+
+def tables(data) -> list:
+  etas = data['config']['etas']
+  out, spread = [], []
+  for depth, ckpts in data['depths'].items():
+    def trio(ck, key):
+      return ' / '.join(f'{_at(etas, ck[key], e):.3g}' for e in (0.01, 0.1, 1))
+
+    out.append(render.Table(
+        ['epoch', 'train loss', 'train acc', 'loss at eta 0.01 / 0.1 / 1',
+         'grad change at eta 0.01 / 0.1 / 1',
+         'DRT (1+eta)^L-1 at 0.01 / 0.1 / 1'],
+        [[f'{ck["epoch"]:.0f}', f'{ck["loss0"]:.4f}', f'{ck["acc"]:.4f}',
+          trio(ck, 'loss'), trio(ck, 'change'), trio(ck, 'drt')]
+         for ck in ckpts], title=f'depth {depth}', left=0))
     growth = [_at(etas, ck['change'], 1.0) / _at(etas, ck['change'], 0.1)
               for ck in ckpts]
-    below = np.mean([np.mean(ck['change'] <= ck['drt'] * (1 + 1e-4))
+    below = np.mean([np.mean(np.asarray(ck['change'])
+                             <= np.asarray(ck['drt']) * (1 + 1e-4))
                      for ck in ckpts])
-    lines += [
-        '',
-        f'Grad change at eta=1 over that at eta=0.1 (10 for a Lipschitz, '
-        f'linear-in-eta breakdown): median {np.median(growth):.3g}, range '
-        f'{min(growth):.3g} to {max(growth):.3g}. Fraction of (checkpoint, eta) '
-        f'points where the measured change is at most the DRT value: '
-        f'{below:.2f}.', '']
-  floor = min(ck['loss0'] for ckpts in results.values() for ck in ckpts)
-  if floor < 1e-3:
-    lines += [
-        f'Note: the training loss reaches {floor:.2g}. Near zero loss the '
-        'gradient norm ||g_1|| itself is tiny, so the *relative* gradient '
-        'change is large at any depth; the depth comparison is cleanest at '
-        'the early checkpoints (loss > 0.1).', '']
-  return '\n'.join(lines)
+    spread.append([depth, f'{np.median(growth):.3g}', f'{min(growth):.3g}',
+                   f'{max(growth):.3g}', f'{below:.2f}'])
+  out.append(render.Table(
+      ['depth', 'median', 'min', 'max', 'at or under DRT'], spread,
+      title='Grad change at eta = 1 over that at eta = 0.1',
+      note='Over the checkpoints; 10 for a change linear in eta. The last '
+      'column: the fraction of (checkpoint, eta) points where the measured '
+      'change is at most deep relative trust\'s.', left=0))
+  return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   _common.add_common_args(parser)
   args = parser.parse_args(argv)
+  mode = 'quick' if args.quick else 'full'
   cfg = dict(QUICK if args.quick else FULL)
   start = time.perf_counter()
   results = run(**cfg)
-  wall = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, f'{NAME}.png')
-  plot(results, cfg['etas'], png)
-  settings = (
-      f'Mode: {"quick" if args.quick else "full"}. Bias-free ReLU MLPs of depth '
-      f'{list(cfg["depths"])} (depth = number of weight matrices), width '
-      f'{cfg["width"]}, He-normal init; all 1,797 digits (standardised) as '
-      f'training set; `fromage_jax.fromage({cfg["lr"]})`, batch '
-      f'{cfg["batch_size"]}, {cfg["epochs"]} epochs, seed {cfg["seed"]} '
-      f'(init `jax.random.key({cfg["seed"]})`, shuffles from key '
-      f'{cfg["seed"] + 1}). Probed (full batch) at epochs '
-      f'{[c["epoch"] for c in next(iter(results.values()))]}, '
-      f'{len(cfg["etas"])} values of eta log-spaced from '
-      f'{cfg["etas"][0]:g} to {cfg["etas"][-1]:g}. Every layer moves by exactly '
-      f'eta relative to its norm, so `fromage_jax.deep_relative_trust` of the '
-      f'perturbed params is (1+eta)^L - 1. Deep relative trust is the '
-      f'paper\'s *model* (Theorem 1 with alpha = beta = 1/2, kappa = 1, and '
-      f'the dL/df term neglected), not a proven bound, so measured changes '
-      f'above it are not a contradiction of the theorem.\n\n'
-      f'Machine: {_common.machine()}. Wall time: {wall:.1f} s.')
-  differences = DIFFERENCES.format(
-      eta_min=min(cfg['etas']), eta_max=max(cfg['etas']), **cfg)
-  body = (f'{settings}\n\n{summary(results, cfg["etas"]).rstrip()}\n\n'
-          f'{differences}')
-  md = _common.write_markdown(args.out, NAME, 'Figure 1: perturbation study '
-                              '(digits)', body)
-  if args.json:
-    _common.write_json(args.json, dict(
-        config=cfg, wall=wall,
-        depths={d: ck for d, ck in results.items()}))
-  print(f'{body}\nwrote {png} and {md}')
-  return dict(results=results, config=cfg, wall=wall, png=png, md=md)
+  data = dict(common.run_info(f'benchmarks.paper.{NAME}', mode,
+                              time.perf_counter() - start, cfg),
+              depths=results)
+  return _common.publish(args, NAME, data)
 
 
 if __name__ == '__main__':

@@ -15,18 +15,18 @@ learning rate. The loss is averaged over each epoch before the plateau check.
 All learning rates and seeds of one (task, optimizer) pair are `jax.vmap`-ed
 into one compiled epoch, run epoch by epoch with a progress bar.
 
-Writes `sensitivity.png` (figure 4: for each task and optimizer, the best
-error over the grid divided by the error at each learning rate, so 1.0 marks
-the best; top row on the training set as in the paper, bottom row held out)
-and `table1.md` (each optimizer at its best learning rate, Fromage also at
-0.01, mean +- std over seeds; then every learning rate).
+Writes the run to `sensitivity.json`, then `sensitivity.png` from it
+(figure 4: for each task and optimizer, the best error over the grid divided
+by the error at each learning rate, so 1.0 marks the best; top row on the
+training set as in the paper, bottom row held out) and the tables of
+`table1.md` (each optimizer at its best learning rate, Fromage also at 0.01,
+mean +- std over seeds; then every learning rate).
 
     python -m benchmarks.paper.sensitivity [--quick | --large] [--out DIR]
 """
 
 import argparse
-import json
-import os
+import pathlib
 import time
 
 import jax
@@ -36,12 +36,15 @@ import optax
 from optax import contrib
 from tqdm.auto import tqdm
 
+from benchmarks import common
+from benchmarks import render as rendering
 from benchmarks.paper import _common
 from benchmarks.paper import tasks as tasks_lib
 import fromage_jax
 
 NAME = 'sensitivity'
-TABLE = 'table1'
+TABLE = PAGE = 'table1'
+TITLE = 'Table 1 and Figure 4: one learning rate across tasks'
 OPTIMIZERS = ('Fromage', 'SGD', 'Adam')
 FROMAGE_DEFAULT = 0.01
 # At most three divisions by 10, as a floor on the learning rate.
@@ -291,50 +294,25 @@ def summarise(results: dict) -> dict:
   return dict(tasks=tasks, across=across)
 
 
-def findings(results: dict, summary: dict) -> list[str]:
-  """Plain sentences on the claim, from the numbers."""
-  lines = []
-  for key, where in SPLITS.items():
-    fr = {t: s['Fromage'][key] for t, s in summary['tasks'].items()
-          if 'Fromage' in s}
-    if not fr:
-      continue
-    at_default = [t for t, s in fr.items() if s['best_lr'] == FROMAGE_DEFAULT]
-    line = (f'{where.capitalize()} figures: Fromage\'s best learning rate was '
-            f'{FROMAGE_DEFAULT:g} on {len(at_default)} of {len(fr)} tasks ('
-            + ', '.join(f'{t}: {s["best_lr"]:g}' for t, s in fr.items()) + ')')
-    lrs = results[next(iter(fr))]['Fromage']['lrs']
-    if FROMAGE_DEFAULT in lrs:
-      k = lrs.index(FROMAGE_DEFAULT)
-      line += (f'; at {FROMAGE_DEFAULT:g} it reached this fraction of its '
-               'best: ' + ', '.join(f'{t} {s["ratio"][k]:.2f}'
-                                    for t, s in fr.items()))
-    lines.append(line + '.')
-    for name, a in summary['across'][key].items():
-      per_task = ', '.join(f'{t} {s[name][key]["best_lr"]:g}'
-                           for t, s in summary['tasks'].items())
-      lines.append(
-          f'{where.capitalize()} figures, {name}: best learning rate per task '
-          f'{per_task}; the best single one for all tasks, '
-          f'{a["best_single_lr"]:g}, reaches at worst '
-          f'{a["best_single_worst"]:.2f} of the per-task best.')
-  return lines
-
-
 # --------------------------------------------------------------------------
 # Output.
 
 
-def plot(results: dict, summary: dict, metrics: dict, path=None):
+def plot(results: dict, summary: dict, metrics: dict, path=None, *,
+         title: str = 'Figure 4 offline', styles: dict | None = None):
+  """Figure 4: per task and split, each optimizer's ratio (best error /
+  error) against its learning rate; `styles[name]`: its line's matplotlib
+  keywords."""
   names = list(results)
   fig, axes = _common.figure(len(names), 2, width=3.6, height=3.2)
-  markers = dict(zip(OPTIMIZERS, 'osd', strict=True))
+  styles = styles or {name: dict(marker=m)
+                      for name, m in zip(OPTIMIZERS, 'osd', strict=True)}
   for col, task in enumerate(names):
     for row, split in enumerate(SPLITS):
       ax = axes[row][col]
       for name, r in results[task].items():
         ax.plot(r['lrs'], summary['tasks'][task][name][split]['ratio'],
-                marker=markers[name], label=name)
+                label=name, **styles[name])
       ax.axvline(FROMAGE_DEFAULT, color='0.6', ls=':', lw=1, zorder=0)
       ax.set_xscale('log')
       ax.set_ylim(-0.03, 1.05)
@@ -342,9 +320,9 @@ def plot(results: dict, summary: dict, metrics: dict, path=None):
       ax.set_title(f'{task}: {SPLITS[split]} {metrics[task]}', fontsize=9)
       if col == 0:
         ax.set_ylabel('best error / error')
-  axes[0][0].legend(fontsize=8)
-  fig.suptitle('Figure 4 offline: learning-rate sensitivity (1.0 = best '
-               'learning rate; dotted: 0.01)', fontsize=10)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(f'{title}: learning-rate sensitivity (1.0 = best learning '
+               'rate; dotted: 0.01)', fontsize=10)
   fig.tight_layout()
   if path:
     fig.savefig(path, dpi=110)
@@ -358,122 +336,103 @@ def _decays(r, i) -> float:
                         r['scales'].values()]))
 
 
-def table(results: dict, summary: dict, metrics: dict) -> str:
-  lines = [
-      '## Table 1: each optimizer at its best learning rate', '',
-      'Best = lowest mean training figure over seeds (the paper\'s choice); '
-      'mean ± standard deviation over seeds (ddof=1). Lower is better.', '',
-      '| task (figure) | optimizer | lr | training | held-out | '
-      'lr decays (mean) |',
-      '| --- | --- | ---: | ---: | ---: | ---: |',
-  ]
+def summary_tables(results: dict, summary: dict, metrics: dict) -> list:
+  """Table 1, the ratios of one learning rate for every task, and every
+  learning rate's figures, as `Table`s."""
+  rows = []
   for task, by_opt in results.items():
     for name, r in by_opt.items():
       best = summary['tasks'][task][name]['train']['best_lr']
-      rows = [(best, f'{name}')]
+      labels = [(best, name)]
       if name == 'Fromage' and best != FROMAGE_DEFAULT and (
           FROMAGE_DEFAULT in r['lrs']):
-        rows.append((FROMAGE_DEFAULT, 'Fromage at 0.01'))
-      for lr, label in rows:
+        labels.append((FROMAGE_DEFAULT, 'Fromage at 0.01'))
+      for lr, label in labels:
         i = r['lrs'].index(lr)
         figures = [mean_std(r[key][i]) for key in SPLITS]
         if 'train_error' in r:
           figures = [f'{f} (error {mean_std(100 * np.asarray(r[k])[i])}%)'
                      for f, k in zip(figures, ('train_error', 'test_error'),
                                      strict=True)]
-        lines.append(f'| {task} ({metrics[task]}) | {label} | {lr:g} | '
-                     + ' | '.join(figures) + f' | {_decays(r, i):.1f} |')
+        rows.append([f'{task} ({metrics[task]})', label, f'{lr:g}', *figures,
+                     f'{_decays(r, i):.1f}'])
+  out = [rendering.Table(
+      ['task (figure)', 'optimizer', 'lr', 'training', 'held-out',
+       'lr decays (mean)'], rows,
+      title='Table 1: each optimizer at its best learning rate', left=2,
+      note='Best = lowest mean training figure over seeds (the paper\'s '
+      'choice); mean ± standard deviation over seeds (ddof=1). Lower is '
+      'better.')]
   tasks = list(results)
   for key, where in SPLITS.items():
-    lines += [
-        '', f'## One learning rate for every task: {where} figures', '',
-        'Figure 4\'s ratio: the best mean figure over the grid divided by the '
-        'mean figure at that learning rate (1.00 = best for that task, 0 = '
-        'diverged); "worst" is the lowest over the tasks, in bold for the '
-        'best single learning rate.', '',
-        '| optimizer | lr | ' + ' | '.join(tasks) + ' | worst |',
-        '| --- | ---: |' + ' ---: |' * (len(tasks) + 1)]
+    rows = []
     for name, a in summary['across'][key].items():
       for k, lr in enumerate(a['lrs']):
-        cells = [f'{summary["tasks"][t][name][key]["ratio"][k]:.2f}'
-                 for t in tasks]
         worst = f'{a["worst_ratio"][k]:.2f}'
         if lr == a['best_single_lr']:
           worst = f'**{worst}**'
-        lines.append(f'| {name} | {lr:g} | ' + ' | '.join(cells)
-                     + f' | {worst} |')
-  lines += ['', '## Every learning rate', '',
-            'Mean ± std over seeds; "decays": mean number of divisions by 10 '
-            'on plateau; wall: that optimizer\'s whole grid, compile '
-            'included.', '']
-  for task, by_opt in results.items():
-    lines += [f'### {task} ({metrics[task]})', '',
-              '| optimizer | lr | training | held-out | decays | wall (s) |',
-              '| --- | ---: | ---: | ---: | ---: | ---: |']
-    for name, r in by_opt.items():
-      for i, lr in enumerate(r['lrs']):
-        wall = f'{r["wall"]:.0f}' if i == 0 else ''
-        lines.append(f'| {name} | {lr:g} | {mean_std(r["train"][i])} '
-                     f'| {mean_std(r["test"][i])} | {_decays(r, i):.1f} '
-                     f'| {wall} |')
-    lines.append('')
-  return '\n'.join(lines)
+        rows.append([name, f'{lr:g}',
+                     *(f'{summary["tasks"][t][name][key]["ratio"][k]:.2f}'
+                       for t in tasks), worst])
+    out.append(rendering.Table(
+        ['optimizer', 'lr', *tasks, 'worst'], rows,
+        title=f'One learning rate for every task: {where} figures',
+        note='Figure 4\'s ratio: the best mean figure over the grid divided '
+        'by the mean figure at that learning rate (1.00 = best for that '
+        'task, 0 = diverged); "worst" is the lowest over the tasks, in bold '
+        'for the best single learning rate.'))
+  for n, (task, by_opt) in enumerate(results.items()):
+    rows = [[name, f'{lr:g}', mean_std(r['train'][i]), mean_std(r['test'][i]),
+             f'{_decays(r, i):.1f}', f'{r["wall"]:.0f}' if i == 0 else '']
+            for name, r in by_opt.items() for i, lr in enumerate(r['lrs'])]
+    out.append(rendering.Table(
+        ['optimizer', 'lr', 'training', 'held-out', 'decays', 'wall (s)'],
+        rows, title=f'Every learning rate: {task} ({metrics[task]})',
+        note='' if n else 'Mean ± std over seeds; "decays": mean number of '
+        'divisions by 10 on plateau; wall: that optimizer\'s whole grid, '
+        'compile included.'))
+  return out
 
-# Where this setup differs from the authors' (jxbz/fromage: `classify-cifar`,
-# `classify-imagenet`, `generate-cifar`, `transformer-wikitext2` and the
-# figure-4 numbers in `make-plots/generate_plots.ipynb`).
-DIFFERENCES = """\
-## Where this differs from the authors' setup
 
-| | the authors (jxbz/fromage) | here |
-| --- | --- | --- |
-| tasks | CIFAR-10 pre-activation ResNet-18 (random crops and flips, batch 128, 350 epochs); ImageNet ResNet-50 (table 1 only); a class-conditional CIFAR-10 GAN (batch 256, 121 epochs, FID of Inception features); the PyTorch-example transformer on Wikitext-2 (2 layers, width 200, dropout 0.2, batch 20, 35-token context, gradient clipping 0.25 for every optimizer) | a small CNN, an MLP GAN (FID of a digits classifier's features) and an MLP autoencoder on the digits, and a byte-level transformer on the standard library's source; the autoencoder replaces ImageNet |
-| SGD | no momentum (CIFAR-10, GAN, transformer) | momentum 0.9 |
-| Adam | defaults; the GAN betas (0, 0.999) | defaults (betas (0.9, 0.999)) everywhere |
-| Fromage | per-tensor (biases too); p_bound = 1 (norms at most their initial ones) for CIFAR-10 and the transformer in table 1 | per-tensor, no p_bound |
-| decay | "by 10 when the loss plateaued": in the code CIFAR-10 at fixed epochs 150 and 250, the GAN once at epoch 100, the transformer whenever the validation loss fails to improve | `reduce_on_plateau` on the epoch-mean training loss (the GAN: training FID), at most three times |
-| grid | decades: Fromage and SGD 1e-4 to 1, Adam 1e-5 to 1 (figure 4 plots five, 1e-4 to 1) | half-decades: Fromage 1e-4 to 1, SGD 1e-5 to 10, Adam 1e-5 to 0.1 |
-| figure-4 metric | CIFAR-10 training loss at epoch 50, GAN FID at epoch 100, transformer training perplexity at epoch 10 | every task's training figure after the last epoch |
-| seeds | one per run in the scripts (the ± of table 1 implies repeats the repository does not list) | three, the same for every optimizer and learning rate |
-| evaluation | training figures (test in an appendix) | training and held-out figures |
-"""
+def table(results: dict, summary: dict, metrics: dict) -> str:
+  """`summary_tables` in Markdown."""
+  return '\n\n'.join(map(rendering.markdown,
+                         summary_tables(results, summary, metrics)))
+
+
+def tables(data: dict) -> list:
+  results, metrics = data['runs'], data['metrics']
+  summary = summarise(results)
+  tasks = list(results)
+  best = []
+  for key, where in SPLITS.items():
+    for name, a in summary['across'][key].items():
+      best.append([where, name, *(
+          f'{summary["tasks"][t][name][key]["best_lr"]:g}' for t in tasks),
+                   f'{a["best_single_lr"]:g}',
+                   f'{a["best_single_worst"]:.2f}'])
+  return [
+      rendering.Table(['task', 'setup'], list(data['settings'].items()),
+                      title='Tasks', left=2),
+      rendering.Table(
+          ['figures', 'optimizer', *tasks, 'one lr for all',
+           'its worst ratio'], best, title='Best learning rates', left=2,
+          note='Each task\'s best learning rate (lowest mean figure over '
+          'seeds), and the single learning rate whose worst ratio over the '
+          'tasks (figure 4\'s best error / error) is highest.'),
+      *summary_tables(results, summary, metrics)]
+
+
+def draw(data: dict, path):
+  results = data['runs']
+  return plot(results, summarise(results), data['metrics'], path)
 
 
 def render(data: dict, out: str) -> tuple[str, str]:
   """Writes `sensitivity.png` and `table1.md` into `out` from a run's data
   (`run`'s result, or its JSON); returns their paths."""
-  results, metrics, cfg = data['runs'], data['metrics'], data['config']
-  summary = summarise(results)
-  os.makedirs(out, exist_ok=True)
-  png = os.path.join(out, f'{NAME}.png')
-  plot(results, summary, metrics, png)
-  grids = '; '.join(f'{n} {", ".join(f"{lr:g}" for lr in g)}'
-                    for n, g in cfg['grids'].items())
-  body = '\n'.join([
-      f'![{NAME}]({NAME}.png)', '',
-      f'Mode: {data["mode"]}. Seeds {list(cfg["seeds"])} (each seed fixes the '
-      'init and the data order, the same for every optimizer and learning '
-      'rate). Learning rates: ' + grids + '. Fromage = '
-      '`fromage_jax.fromage_on_plateau(lr)`, SGD = `optax.sgd(lr, '
-      'momentum=0.9)` and Adam = `optax.adam(lr)`, each chained with '
-      '`optax.contrib.reduce_on_plateau`; every learning rate is divided by '
-      '10 when the epoch-mean training loss (the GAN: its training FID) has '
-      'not improved by a relative 1e-4 for `patience` epochs, at most three '
-      'times. Figures are measured after the last epoch on the whole '
-      'training split and on the held-out split.', '',
-      *[f'- {s}' for s in data['settings'].values()], '',
-      f'Machine: {data["machine"]}. Total wall time: {data["wall"]:.0f} s '
-      f'({data["wall"] / 60:.1f} min).', '',
-      '## Findings', '',
-      *[f'- {line}' for line in findings(results, summary)], '',
-      table(results, summary, metrics), '',
-      DIFFERENCES,
-  ])
-  md = os.path.join(out, f'{TABLE}.md')
-  with open(md, 'w') as f:
-    f.write('# Table 1 and Figure 4: one learning rate across tasks\n\n'
-            + body.strip() + '\n')
-  return png, md
+  md = rendering.write(data, pathlib.Path(out) / f'{TABLE}.md')
+  return str(md.with_name(f'{NAME}.png')), str(md)
 
 
 def run(cfg: dict, mode: str, names=None) -> dict:
@@ -493,9 +452,9 @@ def run(cfg: dict, mode: str, names=None) -> dict:
                    f'{task.steps_per_epoch} steps, patience {patience} '
                    'epochs')
   bar.close()
-  return dict(config=cfg, mode=mode, runs=runs, metrics=metrics,
-              settings=settings, machine=_common.machine(),
-              wall=time.perf_counter() - start)
+  info = common.run_info(f'benchmarks.paper.{NAME}', mode,
+                         time.perf_counter() - start, cfg)
+  return dict(info, runs=runs, metrics=metrics, settings=settings)
 
 
 def main(argv=None):
@@ -508,22 +467,13 @@ def main(argv=None):
                       help=f'a subset of {list(tasks_lib.TASKS)}')
   parser.add_argument('--render', metavar='JSON', default=None,
                       help='no training: redraw the figure and table from '
-                      'the --json file of an earlier run')
+                      'the JSON of an earlier run')
   args = parser.parse_args(argv)
   if args.render:
-    with open(args.render) as f:
-      data = json.load(f)
-  else:
-    mode = 'quick' if args.quick else 'large' if args.large else 'full'
-    cfg = dict(quick=QUICK, large=LARGE, full=FULL)[mode]
-    data = run(cfg, mode, args.tasks)
-    if args.json:
-      _common.write_json(args.json, data)
-  png, md = render(data, args.out)
-  with open(md) as f:
-    print(f.read())
-  print(f'wrote {png} and {md}')
-  return dict(data=data, png=png, md=md)
+    return _common.publish(args, NAME, None, TABLE)
+  mode = 'quick' if args.quick else 'large' if args.large else 'full'
+  cfg = dict(quick=QUICK, large=LARGE, full=FULL)[mode]
+  return _common.publish(args, NAME, run(cfg, mode, args.tasks), TABLE)
 
 
 if __name__ == '__main__':

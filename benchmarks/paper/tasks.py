@@ -221,14 +221,15 @@ def stdlib_text(n: int) -> np.ndarray:
 # The tasks.
 
 
-def classifier(*, width: int = 16,
-               batch_size: int = 64) -> Task:
-  """A small CNN on the digits; the figure is the cross-entropy."""
+def _digits_classifier(make, *, name: str, title: str, arch: str,
+                       batch_size: int) -> Task:
+  """The model `make(rngs)` as a digits classifier; the figure is the
+  cross-entropy."""
   x_tr, y_tr, x_te, y_te = digits('unit')
-  graphdef, _ = split_params(CNN(width, nnx.Rngs(0)))
+  graphdef, _ = split_params(make(nnx.Rngs(0)))
 
   def init(seed):
-    return {'model': split_params(CNN(width, nnx.Rngs(seed)))[1]}
+    return {'model': split_params(make(nnx.Rngs(seed)))[1]}
 
   def logits(params, x):
     return nnx.merge(graphdef, params['model'])(x)
@@ -250,14 +251,32 @@ def classifier(*, width: int = 16,
 
   n = x_tr.shape[0]
   return Task(
-      name='classifier', title='CNN classifier (digits)',
-      metric='cross-entropy', groups=('model',), init=init,
-      data=dict(x_tr=x_tr, y_tr=y_tr, x_te=x_te, y_te=y_te),
+      name=name, title=title, metric='cross-entropy', groups=('model',),
+      init=init, data=dict(x_tr=x_tr, y_tr=y_tr, x_te=x_te, y_te=y_te),
       **_shuffled_epochs(n, batch_size), loss=loss, evaluate=evaluate,
-      settings=(f'conv 3x3 x{width} -> conv 3x3 stride 2 x{2 * width} -> '
-                f'linear, ReLU; {n} training / {x_te.shape[0]} held-out '
-                f'digits, pixels in [0, 1], batch {batch_size}'),
+      settings=(f'{arch}; {n} training / {x_te.shape[0]} held-out digits, '
+                f'pixels in [0, 1], batch {batch_size}'),
   )
+
+
+def classifier(*, width: int = 16, batch_size: int = 64) -> Task:
+  """A small CNN on the digits; the figure is the cross-entropy."""
+  return _digits_classifier(
+      lambda rngs: CNN(width, rngs), name='classifier',
+      title='CNN classifier (digits)', batch_size=batch_size,
+      arch=(f'conv 3x3 x{width} -> conv 3x3 stride 2 x{2 * width} -> '
+            'linear, ReLU'))
+
+
+def mlp_classifier(*, width: int = 256, depth: int = 4,
+                   batch_size: int = 64) -> Task:
+  """The demo's model: a ReLU MLP with zero-initialised biases on the
+  digits; the figure is the cross-entropy."""
+  sizes = (64, *[width] * (depth - 1), 10)
+  return _digits_classifier(
+      lambda rngs: MLP(sizes, rngs), name='mlp',
+      title="the demo's MLP (digits)", batch_size=batch_size,
+      arch=f'MLP {"-".join(map(str, sizes))}, ReLU, zero-initialised biases')
 
 
 def autoencoder(*, width: int = 128, code: int = 16,
