@@ -12,10 +12,10 @@ unclipped `W'`, which XLA materialises and reads back; here
 sum over `W` and `g`, then one elementwise pass writes the update.
 
 Why it is kept: in the same process on the CPU, the chain's step with
-`p_bound` takes about twice this one's on the GPT-2 and ResNet-50 trees
-(`benchmarks/results/chain_vs_fused.md`). Without `p_bound` the same fusion
-compiled to exactly the chain's kernels and ran in its time, so `fromage()`
-is then the chain.
+`p_bound` is measured slower than this one on realistic trees (GPT-2-like,
+ResNet-50-like); the figures are in `benchmarks/results/chain_vs_fused.md`.
+Without `p_bound` the same fusion compiled to exactly the chain's kernels and
+ran in its time, so `fromage()` is then the chain.
 """
 
 
