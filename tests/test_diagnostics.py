@@ -15,6 +15,7 @@ import pytest
 
 import fromage_jax as fj
 from fromage_jax import testing
+from tests import helpers
 
 
 class Pair(NamedTuple):
@@ -146,10 +147,58 @@ def test_deep_relative_trust_has_finite_gradients_at_zero_layers():
   chex.assert_tree_all_finite(grad)
 
 
-@pytest.mark.parametrize('depth', [1, 2, 10, 50])
-@pytest.mark.parametrize('cos_theta', [1.0, 0.5, 0.0])
-def test_descent_learning_rate_bound_matches_the_reference(depth, cos_theta):
+@pytest.mark.parametrize('layer_axes', [None, helpers.STACK_PREFIX])
+def test_deep_relative_trust_matches_reference(layer_axes):
+  rng = np.random.default_rng(22)
+  params = helpers.reference_params(rng)
+  other = jax.tree.map(lambda w: w + 0.1 * helpers.draw(rng, w.shape), params)
+  got = fj.deep_relative_trust(params, other, layer_axes=layer_axes)
+  want = testing.deep_relative_trust(params, other, layer_axes)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_deep_relative_trust_closed_form():
+  # Every layer with ||W|| > 0 moved by exactly eta relative to its norm:
+  # (1 + eta)**L - 1; zero layers are left out.
+  rng = np.random.default_rng(23)
+  params = helpers.reference_params(rng)  # 'dense/b' and 'stack'[1] are zero
+  eta = 0.03
+  other = jax.tree.map(lambda w: w * (1 + eta), params)
+  # Per leaf: dense/w, frozen, stack(one layer) -> 3 layers; dense/b excluded.
   np.testing.assert_allclose(
-      fj.descent_learning_rate_bound(depth, cos_theta),
-      testing.descent_learning_rate_bound(depth, cos_theta), rtol=1e-5,
-      atol=1e-7)
+      float(fj.deep_relative_trust(params, other)),
+      (1 + eta) ** 3 - 1, rtol=1e-5,
+  )
+  # Stacked: dense/w, frozen, stack slices 0 and 2 -> 4 layers.
+  np.testing.assert_allclose(
+      float(fj.deep_relative_trust(params, other, helpers.STACK_PREFIX)),
+      (1 + eta) ** 4 - 1, rtol=1e-5,
+  )
+
+
+@pytest.mark.parametrize('layer_axes', [None, helpers.STACK_PREFIX])
+def test_relative_update_norms_matches_reference(layer_axes):
+  rng = np.random.default_rng(24)
+  params = helpers.reference_params(rng)
+  params['dense']['b'] = helpers.draw(rng, (3,))
+  params['stack'][1] = helpers.draw(rng, (4, 2))
+  updates = jax.tree.map(lambda w: 0.1 * helpers.draw(rng, w.shape), params)
+  got = fj.relative_update_norms(updates, params, layer_axes=layer_axes)
+  want = testing.relative_update_norms(updates, params, layer_axes)
+  helpers.assert_trees_close_to_scale(got, want, 1e-5)
+  expected_shape = (3,) if layer_axes else ()
+  assert np.shape(got['stack']) == expected_shape
+
+
+def test_descent_learning_rate_bound_matches_formula():
+  depths = np.array([1, 2, 5, 16, 50, 1000])
+  for cos in (1.0, 0.5, 0.0, -0.5):
+    got = np.asarray(fj.descent_learning_rate_bound(depths, cos))
+    np.testing.assert_allclose(
+        got, testing.descent_learning_rate_bound(depths, cos), rtol=1e-5, atol=1e-7
+    )
+  # Known values: one layer, aligned step: eta < 1; cos = 0: no descent room.
+  np.testing.assert_allclose(
+      float(fj.descent_learning_rate_bound(1)), 1.0, rtol=1e-6
+  )
+  assert float(fj.descent_learning_rate_bound(7, 0.0)) == 0.0

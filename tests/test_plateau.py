@@ -5,7 +5,6 @@ with eta_t = s_t * learning_rate(t), where s_t is tracked by an independent
 numpy model of optax.contrib.reduce_on_plateau's rule (accumulation_size=1).
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 import fromage_jax
 from fromage_jax.testing import fromage_layer as np_fromage
-from tests.tree_asserts import assert_close
+from tests import helpers
 
 
 class NpPlateau:
@@ -52,16 +51,6 @@ def make_params(seed=0):
   }
 
 
-@jax.jit
-def random_grads(params, seed):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten(
-      [jax.random.normal(k, x.shape, x.dtype)
-       for k, x in zip(keys, leaves, strict=True)]
-  )
-
-
 apply = jax.jit(optax.apply_updates)
 
 
@@ -79,13 +68,15 @@ def test_while_improving_equals_fromage():
   step, ref_step = jax.jit(tx.update), jax.jit(ref.update)
   p = params
   for t in range(8):
-    g = random_grads(params, t)
+    g = helpers.random_like(params, t)
     u, s = step(g, s, p, value=10.0 - t)  # strictly improving
     ur, rs = ref_step(g, rs, p)
-    assert_close(u, ur, rtol=1e-6, atol=1e-7)
+    # eta injected as a float32 value, or folded as a constant: the same
+    # arithmetic up to float32 rounding.
+    helpers.assert_trees_close(u, ur, rtol=1e-5, atol=1e-6)
     expected = jax.tree.map(lambda w, gg: np_fromage(w, gg, eta), p, g)
     p = apply(p, u)
-    assert_close(p, expected)
+    helpers.assert_trees_close(p, expected)
 
 
 @pytest.mark.parametrize(
@@ -107,13 +98,13 @@ def test_after_patience_steps_the_formula_uses_scaled_eta(
   p = params
   scales = []
   for t, v in enumerate(values):
-    g = random_grads(params, 50 + t)
+    g = helpers.random_like(params, 50 + t)
     s = model(v)
     scales.append(s)
     u, state = step(g, state, p, value=v)
     expected = jax.tree.map(lambda w, gg, s=s: np_fromage(w, gg, s * eta), p, g)
     p = apply(p, u)
-    assert_close(p, expected)
+    helpers.assert_trees_close(p, expected)
   # The model itself did reduce at least twice (the test covers reductions).
   assert scales[0] == 1.0 and scales[-1] <= factor**2 + 1e-12
   # Cross-check the scale against optax's own reduce_on_plateau.
@@ -257,12 +248,12 @@ def test_schedule_as_learning_rate_under_jit():
   values = [3.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0]
   p = params
   for t, v in enumerate(values):
-    g = random_grads(params, 80 + t)
+    g = helpers.random_like(params, 80 + t)
     eta = model(v) * float(step_sched(t))
     u, state = update(g, state, p, value=v)
     expected = jax.tree.map(lambda w, gg, e=eta: np_fromage(w, gg, e), p, g)
     p = apply(p, u)
-    assert_close(p, expected)
+    helpers.assert_trees_close(p, expected)
   assert model.scale == pytest.approx(0.01)  # two reductions happened
 
 
@@ -274,13 +265,13 @@ def test_optax_schedule_and_reduction_combine_multiplicatively():
   step = jax.jit(tx.update)
   p = params
   for t in range(6):
-    g = random_grads(params, 90 + t)
+    g = helpers.random_like(params, 90 + t)
     s = 0.5 ** t  # constant loss, patience 1: every step after the 1st halves
     eta = s * 0.2 * 0.8**t
     u, state = step(g, state, p, value=7.0)
     expected = {'w': np_fromage(p['w'], g['w'], eta)}
     p = apply(p, u)
-    assert_close(p, expected)
+    helpers.assert_trees_close(p, expected)
 
 
 def test_p_bound_applies_with_scaled_eta():
@@ -295,7 +286,7 @@ def test_p_bound_applies_with_scaled_eta():
   clipped = 0
   values = [4.0, 3.0, 3.0, 3.0, 2.0, 2.0]
   for t, v in enumerate(values):
-    noise = random_grads(params, 120 + t)
+    noise = helpers.random_like(params, 120 + t)
     # -W plus a little noise: grows the norm, so the bound is hit.
     g = jax.tree.map(
         lambda w, n: -w + 0.2 * jnp.linalg.norm(w) / jnp.linalg.norm(n) * n,
@@ -312,56 +303,9 @@ def test_p_bound_applies_with_scaled_eta():
     )
     u, state = step(g, state, p, value=v)
     p = apply(p, u)
-    assert_close(p, expected)
+    helpers.assert_trees_close(p, expected)
   assert clipped > 0
   for k in params:
     assert float(jnp.linalg.norm(p[k])) <= p_bound * float(
         jnp.linalg.norm(params[k])
     ) * (1 + 1e-5)
-
-
-# --------------------------------------------------------------------------
-# state stability
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    'dtype,p_bound', [(jnp.float32, None), (jnp.bfloat16, 2.0)]
-)
-def test_state_shapes_and_dtypes_stable(dtype, p_bound):
-  params = jax.tree.map(lambda x: x.astype(dtype), make_params())
-  tx = fromage_jax.fromage_on_plateau(
-      optax.linear_schedule(0.1, 0.01, 5), patience=1, p_bound=p_bound
-  )
-  state0 = tx.init(params)
-  assert isinstance(state0, fromage_jax.FromageOnPlateauState)
-  # The plateau scale is float32 whatever the params' dtype (SPEC: state
-  # scalars are float32); count is int32.
-  assert state0.plateau.scale.dtype == jnp.float32
-  assert state0.count.dtype == jnp.int32 and state0.count.shape == ()
-  traces = []
-
-  @jax.jit
-  def maybe_step(pred, p, s, v):
-    traces.append(1)
-
-    def train(p, s):
-      g = jax.tree.map(lambda x: (x * 0.5 + 1).astype(x.dtype), p)
-      u, s = tx.update(g, s, p, value=v)
-      return optax.apply_updates(p, u), s
-
-    return jax.lax.cond(pred, train, lambda p, s: (p, s), p, s)
-
-  p, s = params, state0
-  for t in range(5):
-    new_p, new_s = maybe_step(t != 2, p, s, jnp.float32(1.0))
-    chex.assert_trees_all_equal_shapes_and_dtypes(new_s, state0)
-    chex.assert_trees_all_equal_shapes_and_dtypes(new_p, params)
-    if t == 2:
-      chex.assert_trees_all_equal(new_p, p)
-      chex.assert_trees_all_equal(new_s, s)
-    p, s = new_p, new_s
-  assert len(traces) == 1
-  assert int(s.count) == 4
-  assert float(s.plateau.scale) < 1.0  # the flat loss did reduce it
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))

@@ -12,15 +12,15 @@ optimizer state) ends elsewhere.
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import fromage_jax
-
-ocp = pytest.importorskip('orbax.checkpoint')
 
 TOTAL = 12  # training steps
 SAVE_AT = 6  # the step whose checkpoint is resumed
@@ -212,7 +212,6 @@ def test_resumed_run_equals_uninterrupted_run(case, tmp_path):
 
 
 def test_nnx_optimizer_resumes_bit_for_bit(tmp_path):
-  nnx = pytest.importorskip('flax.nnx')
 
   class MLP(nnx.Module):
 

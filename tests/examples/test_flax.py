@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import fromage_jax
+from tests import helpers
 
 ETA = 0.01
 # ||W' - W|| / ||W|| = eta + O(eta**2) (the SPEC's "neglecting second-order
@@ -61,15 +61,6 @@ def _diff(new, old):
   return jax.tree.map(jnp.subtract, new, old)
 
 
-def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb, strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
-
-
 # --------------------------------------------------------------- nnx.Optimizer
 
 
@@ -91,8 +82,8 @@ def test_nnx_optimizer_step_equals_plain_optax_update():
 
   updates = nnx.jit(lambda m, o, g: o.update(m, g))(model, optimizer, grads)
 
-  _assert_trees_close(nnx.to_pure_dict(updates), expected_updates)
-  _assert_trees_close(
+  helpers.assert_trees_close(nnx.to_pure_dict(updates), expected_updates)
+  helpers.assert_trees_close(
       nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected
   )
   # The zero-initialised biases moved (they would not with optax.fromage).
@@ -145,7 +136,7 @@ def test_linen_train_state_apply_gradients_equals_optax():
   grads = jax.jit(jax.grad(loss_fn))(params)
   new_state = step(state)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  _assert_trees_close(new_state.params, optax.apply_updates(params, updates))
+  helpers.assert_trees_close(new_state.params, optax.apply_updates(params, updates))
   assert int(new_state.step) == 1
 
   rel = _relative_update_norms(_diff(new_state.params, params), params
@@ -249,7 +240,7 @@ def test_stacked_nnx_each_block_moves_by_eta_relative_to_its_own_norm():
   # The model really moved by those updates.
   moved = _diff(new_params, params)
   # W' - W loses ~eps * ||W|| to cancellation (||W|| ~ 10 for the last block).
-  _assert_trees_close(nnx.to_pure_dict(moved), nnx.to_pure_dict(updates),
+  helpers.assert_trees_close(nnx.to_pure_dict(moved), nnx.to_pure_dict(updates),
                       rtol=1e-4, atol=2e-5)
 
 

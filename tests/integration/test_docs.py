@@ -13,8 +13,8 @@ import sys
 import pytest
 
 import fromage_jax
+from tests.helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
 RESULTS_MARKER = re.compile(r'^```\{results-file\} (\S+)\n```\n', re.M)
 # A figure: a number with a decimal point or an exponent (not "figure 3").
@@ -65,7 +65,7 @@ def test_api_page_documents_every_public_name(site):
 
 
 def test_api_page_documents_the_testing_reference_when_it_exists(site):
-  testing = pytest.importorskip('fromage_jax.testing')
+  from fromage_jax import testing  # noqa: PLC0415
   page = (site / 'api.html').read_text()
   for name in getattr(testing, '__all__', ()):
     assert f'id="fromage_jax.testing.{name}"' in page, name
@@ -135,7 +135,7 @@ def guide_snippets():
       yield pytest.param(code, id=f'{path.stem}-{i}')
 
 
-@pytest.mark.parametrize('code', guide_snippets())
+@pytest.mark.parametrize('code', list(guide_snippets()))
 def test_guide_snippet_runs(code, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # a snippet that writes (checkpoints) writes here
   exec(compile(code, 'snippet', 'exec'), {})  # noqa: S102

@@ -9,13 +9,15 @@ session's pytest temp dir), so `paper_figures.ipynb` (which runs the quick
 modes of `benchmarks/paper/`) reuses its compiles.
 """
 
+import os
 import pathlib
 
 from nbclient import NotebookClient
 import nbformat
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 NOTEBOOKS = ROOT / 'notebooks'
 
 
@@ -28,6 +30,9 @@ def execute(name: str, monkeypatch, tmp_path) -> nbformat.NotebookNode:
   monkeypatch.setenv('TMPDIR', str(tmp_path))
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  # This checkout, installed or not.
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = NotebookClient(
       nb, timeout=240, kernel_name='python3',
@@ -45,10 +50,6 @@ def outputs(nb, output_type=None):
           yield out
 
 
-def text(nb) -> str:
-  return ''.join(o.get('text', '') for o in outputs(nb, 'stream'))
-
-
 @pytest.mark.parametrize('name', ['quickstart.ipynb', 'paper_figures.ipynb'])
 def test_stored_notebook_has_outputs(name):
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -61,9 +62,6 @@ def test_stored_notebook_has_outputs(name):
 def test_quickstart_executes(monkeypatch, tmp_path):
   nb = execute('quickstart.ipynb', monkeypatch, tmp_path)
   assert not list(outputs(nb, 'error'))
-  out = text(nb)
-  assert 'relative step of each weight matrix' in out
-  assert 'deep relative trust travelled' in out
   images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
   assert len(images) == 1
 
@@ -73,9 +71,6 @@ def test_paper_figures_executes(monkeypatch, tmp_path):
   assert not list(outputs(nb, 'error'))
   images = [o for o in outputs(nb) if 'image/png' in o.get('data', {})]
   assert len(images) == 3
-  out = text(nb)
-  for needle in ('depth 16', 'prediction for LARS', 'best lr'):
-    assert needle in out
   # The notebook's figures went to a temporary folder under tmp_path.
   assert list(tmp_path.glob('paper_figures_*/depth.png'))
 

@@ -1,23 +1,20 @@
 """The sdist and wheel `python -m build` makes: contents, metadata, twine check.
 
-Builds without isolation (no download), so it needs `build`, `twine` and the
-`[build-system]` requirements installed; it is skipped, saying which, if not.
+Builds without isolation (no download), with `build`, `twine` and the
+`[build-system]` requirements that the test extra installs.
 """
 
 from email.parser import HeaderParser
-import pathlib
 import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
 
+import build
 import pytest
 
-build = pytest.importorskip('build', reason='needs `build` (pip install build)')
-pytest.importorskip('twine', reason='needs `twine` (pip install twine)')
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope='module')
@@ -28,8 +25,8 @@ def dists(tmp_path_factory):
       chain for req in build.ProjectBuilder(ROOT).build_system_requires
       for chain in build.check_dependency(req)
   ]
-  if unmet:
-    pytest.skip('the build needs ' + ', '.join(' -> '.join(c) for c in unmet))
+  assert not unmet, 'the build needs ' + ', '.join(
+      ' -> '.join(c) for c in unmet)
   out = tmp_path_factory.mktemp('dist')
   # From a copy: building writes fromage_jax.egg-info into the source tree.
   src = shutil.copytree(ROOT, out / 'src', ignore=shutil.ignore_patterns(
@@ -81,8 +78,8 @@ def test_wheel_holds_the_library_demo_and_examples_only(dists):
 def test_sdist_holds_what_its_tests_need(dists):
   names = _sdist_names(dists['sdist'])
   tests = _source_files('tests')
-  assert {'tests/conftest.py', 'tests/tree_asserts.py',
-          'tests/multidevice_checks.py'} <= tests
+  assert {'tests/conftest.py', 'tests/helpers.py',
+          'tests/multidevice/worker.py'} <= tests
   assert tests <= names
   assert _source_files('fromage_jax', 'benchmarks') <= names
   assert _source_files('notebooks', pattern='*.ipynb') <= names

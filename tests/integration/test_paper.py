@@ -1,91 +1,76 @@
 """The paper-figure scripts (`benchmarks/paper/`) in their quick modes.
 
 Each script's `main(['--quick', ...])` runs in a subprocess into a temporary
-folder (never over the committed results), with `--json` so that the numbers
-behind its Markdown and PNG can be checked here. An XLA compilation cache in
-the session's own pytest temp dir (`cache_dir`) lets the scripts share the
-compiled functions they have in common, and leaves nothing in a shared place.
-`python -m benchmarks.paper.<name> --help` checks the module entry points.
+folder (never over the committed results) and writes its JSON there, so that
+the numbers behind its Markdown and PNG can be checked here. `python -m benchmarks.paper.<name> --help` checks the
+module entry points.
 """
 
+import importlib
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from benchmarks.paper import depth as depth_script
+from benchmarks import common
+from benchmarks import render
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def cache_dir(tmp_path_factory) -> pathlib.Path:
-  """One XLA cache per test session, inside pytest's temp dir."""
-  path = tmp_path_factory.getbasetemp() / 'xla_cache'
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def jax_env(cache: pathlib.Path | None = None) -> dict:
-  env = dict(os.environ)
-  if cache is not None:
-    env['JAX_COMPILATION_CACHE_DIR'] = str(cache)
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  env['PYTHONPATH'] = os.pathsep.join(
-      [str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
-  return env
-
-
-def run_quick(name: str, out: pathlib.Path, cache: pathlib.Path,
-              md_name: str | None = None) -> dict:
-  """Runs `benchmarks.paper.<name> --quick` with XLA cache `cache`; checks
-  its PNG and Markdown (`<md_name>.md`, by default `<name>.md`); returns its
-  JSON."""
-  md_name = md_name or name
-  argv = ['--quick', '--out', str(out), '--json', str(out / f'{name}.json')]
-  # Imported, not `-m`: functions defined in `__main__` would get other XLA
-  # cache keys than the same functions imported by another script.
-  code = (f'from benchmarks.paper import {name}; '
-          f'{name}.main({argv!r})')
-  proc = subprocess.run(
-      [sys.executable, '-c', code],
-      cwd=ROOT, env=jax_env(cache), capture_output=True, text=True,
-      timeout=300, check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert os.path.getsize(out / f'{name}.png') > 10_000
-  md = (out / f'{md_name}.md').read_text()
-  assert md.startswith('# ') and 'Figure' in md.splitlines()[0]
-  assert f'![{name}]({name}.png)' in md
-  assert 'Mode: quick' in md and 'Machine:' in md
-  assert 'wall time' in md.lower()
-  return json.loads((out / f'{name}.json').read_text())
+SCRIPTS = ('perturbation', 'growth', 'depth')
 
 
 @pytest.fixture(scope='module')
-def perturbation(tmp_path_factory):
-  return run_quick('perturbation', tmp_path_factory.mktemp('perturbation'),
-                   cache_dir(tmp_path_factory))
+def quick_runs(tmp_path_factory, xla_cache):
+  """`runs(name)`: the JSON and folder of script `name`'s quick run, made
+  once."""
+  done = {}
+
+  def runs(name):
+    if name not in done:
+      out = tmp_path_factory.mktemp(name)
+      done[name] = helpers.run_quick(name, out, xla_cache), out
+    return done[name]
+
+  return runs
 
 
-@pytest.fixture(scope='module')
-def growth(tmp_path_factory):
-  return run_quick('growth', tmp_path_factory.mktemp('growth'),
-                   cache_dir(tmp_path_factory))
+@pytest.fixture
+def perturbation(quick_runs):
+  return quick_runs('perturbation')[0]
 
 
-@pytest.fixture(scope='module')
-def depth_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp('depth')
-  return run_quick('depth', out, cache_dir(tmp_path_factory)), out
+@pytest.fixture
+def growth(quick_runs):
+  return quick_runs('growth')[0]
 
 
-@pytest.fixture(scope='module')
-def depth(depth_run):
-  return depth_run[0]
+@pytest.fixture
+def depth(quick_runs):
+  return quick_runs('depth')[0]
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_quick_json_records_its_run(quick_runs, name):
+  data, _ = quick_runs(name)
+  module = importlib.import_module(data['script'])
+  assert module.NAME == name
+  assert data['mode'] == 'quick'
+  assert data['config'] == json.loads(json.dumps(
+      common.to_jsonable(module.QUICK)))
+  assert data['versions']['jax'] == jax.__version__
+  assert data['wall'] > 0 and data['machine'] and data['date']
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_page_and_figure_are_the_json_rendered_again(quick_runs, name,
+                                                     tmp_path):
+  data, out = quick_runs(name)
+  page = render.render(out / f'{name}.json', tmp_path / f'{name}.md')
+  assert page.read_text() == (out / f'{name}.md').read_text()
+  assert (tmp_path / f'{name}.png').stat().st_size > 10_000
 
 
 def test_perturbation_gradient_change_grows_with_eta(perturbation):
@@ -180,20 +165,26 @@ def test_depth_authors_init_starves_the_input_layers(depth):
   assert sgd[1].mean() > sgd[0].mean() + 0.3
 
 
-def test_depth_render_from_json_gives_the_same_markdown(depth_run, tmp_path):
-  data, out = depth_run
-  _, md, _ = depth_script.render(data, str(tmp_path))
-  assert pathlib.Path(md).read_text() == (out / 'depth.md').read_text()
+def test_growth_figure_follows_the_prediction(growth):
+  """The curves the figure draws: LARS's norms compound as
+  `(1 + eta**2)**(t/2)`, Fromage's stay put."""
+  for run in growth['runs'].values():
+    steps = np.asarray(run['curve']['step'])
+    ratios = np.asarray(run['curve']['norm_ratio'])  # [step, layer]
+    assert ratios.shape == (len(steps), growth['config']['depth'])
+    want = ((1 + run['eta']**2) ** (steps / 2) if run['rule'] == 'lars'
+            else np.ones(len(steps)))
+    np.testing.assert_allclose(ratios, np.broadcast_to(want[:, None],
+                                                       ratios.shape),
+                               rtol=1e-2)
 
 
 @pytest.mark.parametrize('name', ['perturbation', 'growth', 'depth',
-                                  'sensitivity'])
+                                  'sensitivity', 'directions'])
 def test_scripts_run_as_modules(name):
   proc = subprocess.run(
       [sys.executable, '-m', f'benchmarks.paper.{name}', '--help'],
-      cwd=ROOT, env=jax_env(), capture_output=True, text=True,
-      timeout=120, check=False,
+      cwd=helpers.ROOT, env=helpers.jax_env(), capture_output=True,
+      text=True, timeout=120, check=False,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for flag in ('--quick', '--out', '--json'):
-    assert flag in proc.stdout

@@ -12,6 +12,7 @@ Under `shard_map` with `axis_name`, where the package makes the collective
 itself, the squared norms of every layer cross devices in one `psum`.
 """
 
+import functools
 import re
 
 import jax
@@ -127,6 +128,17 @@ def build(p_bound, stacked):
 COMBINED = 256  # operands per all-reduce, XLA:CPU's AllReduceCombiner
 
 
+@functools.cache
+def xla_combines_all_reduces() -> bool:
+  """Whether this XLA combines independent all-reduces on the CPU (jaxlib
+  0.5's does not: each sum is an all-reduce of its own)."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
+  arg = jax.ShapeDtypeStruct((8, 8), jnp.float32,
+                             sharding=NamedSharding(mesh, P('data')))
+  compiled = jax.jit(lambda a, b: (a.sum(), b.sum())).lower(arg, arg).compile()
+  return collectives(compiled).get('all-reduce') == 1
+
+
 @pytest.mark.parametrize('p_bound', [None, 2.0], ids=['plain', 'p_bound'])
 @pytest.mark.parametrize('stacked', [False, True], ids=['flat', 'stacked'])
 @pytest.mark.parametrize('mesh_name', list(MESHES))
@@ -141,7 +153,8 @@ def test_collectives_are_combined_and_gather_nothing(mesh_name, stacked,
     # The sums of a step (two per leaf, three with p_bound) in as few
     # all-reduces as the combiner allows.
     sums = (3 if p_bound else 2) * len(jax.tree.leaves(params))
-    assert counts[blocks]['all-reduce'] <= -(-sums // COMBINED), counts
+    combined = -(-sums // COMBINED) if xla_combines_all_reduces() else sums
+    assert counts[blocks]['all-reduce'] <= combined, counts
     # The step leaves every param where it was.
     out = compiled.output_shardings[0]
     for p, o in zip(jax.tree.leaves(params), jax.tree.leaves(out),
