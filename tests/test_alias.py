@@ -979,7 +979,8 @@ def test_grad_norm_floor_is_optax_min_norm_where_no_norm_is_below_it():
         params)
     u, _ = ours.update(grads, ours.init(params), params)
     v, _ = theirs.update(grads, theirs.init(params), params)
-    helpers.assert_trees_close(u, v, rtol=1e-5, atol=1e-7)
+    # An update W' - W carries float32 rounding of W itself (|W| ~ 3).
+    helpers.assert_trees_close(u, v, rtol=1e-5, atol=1e-6)
 
 
 def test_optax_default_min_norm_freezes_zero_bias_fromage_jax_trains_it():
