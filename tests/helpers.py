@@ -149,41 +149,34 @@ def normal(seed, shape, dtype=jnp.float32):
                      dtype)
 
 
-def flat_case(dtype=jnp.float32) -> Case:
+def mixed_case(dtype=jnp.float32) -> Case:
+  """Separate layers, small (< 4,096 elements) and large, one of them a
+  zero-initialised bias and one without gradient, beside stacks of layers on
+  axis 0 (as `nnx.scan` makes them) with one zero-initialised slice and one
+  slice without gradient: every kind of layer in one tree."""
   params = {
       'small': normal(0, (8, 6), dtype),
       'large': normal(1, (72, 64), dtype) / 8,  # 4,608 elements
       'bias': jnp.zeros((6,), dtype),
       'frozen': normal(2, (4, 4), dtype),
-  }
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  return Case(
-      params=params, layer_axes=None,
-      zero_init={**zeros, 'bias': jnp.ones((6,), dtype)},
-      zero_grad={**zeros, 'frozen': jnp.ones((4, 4), dtype)},
-  )
-
-
-def stacked_case(dtype=jnp.float32) -> Case:
-  """Stacks of layers on axis 0 (as `nnx.scan` makes them), one of them
-  zero-initialised and one without gradient, beside an unstacked head."""
-  small = normal(3, (3, 8, 6), dtype)
-  bias = normal(4, (3, 6), dtype).at[1].set(0)
-  params = {
-      'stack': {'small': small, 'large': normal(5, (2, 72, 64), dtype) / 8,
-                'bias': bias},
-      'head': normal(6, (6, 4), dtype),
+      'stack': {'small': normal(3, (3, 8, 6), dtype),
+                'large': normal(5, (2, 72, 64), dtype) / 8,
+                'bias': normal(4, (3, 6), dtype).at[1].set(0)},
   }
   zeros = jax.tree.map(jnp.zeros_like, params)
   zero_init = jax.tree.map(lambda x: x, zeros)
+  zero_init['bias'] = jnp.ones((6,), dtype)
   zero_init['stack']['bias'] = zeros['stack']['bias'].at[1].set(1)
   zero_grad = jax.tree.map(lambda x: x, zeros)
+  zero_grad['frozen'] = jnp.ones((4, 4), dtype)
   zero_grad['stack']['small'] = zeros['stack']['small'].at[2].set(1)
   return Case(params=params, layer_axes=fj.stacked_layer_axes('stack'),
               zero_init=zero_init, zero_grad=zero_grad)
 
 
-CASES = {'flat': flat_case, 'stacked': stacked_case}
+# One tree holds every kind of layer, so that each test runs once per
+# optimizer.
+CASES = {'mixed': mixed_case}
 
 
 def random_like(tree, seed: int):
