@@ -147,51 +147,28 @@ _BAD_LR = [-0.1, -1e-9, float('nan'), float('inf'), -float('inf')]
 _BAD_P = [0.0, -1.0, float('nan'), float('inf'), -float('inf')]
 
 
-@pytest.mark.parametrize('lr', _BAD_LR)
+# (argument, the builders that take it, values it refuses with ValueError).
+_BAD_VALUES = {
+    'learning_rate': ([fj.fromage, fj.prefactor_correction,
+                       fj.fromage_on_plateau], _BAD_LR),
+    'p_bound': ([lambda p: fj.fromage(0.01, p_bound=p), fj.norm_clip_to_init,
+                 lambda p: fj.fromage_on_plateau(0.01, p_bound=p)], _BAD_P),
+    'grad_norm_floor': (
+        [lambda f: fj.fromage(0.01, grad_norm_floor=f),
+         lambda f: fj.fromage(0.01, p_bound=2.0, grad_norm_floor=f),
+         lambda f: fj.scale_by_frobenius_ratio(grad_norm_floor=f),
+         lambda f: fj.fromage_on_plateau(0.01, grad_norm_floor=f)], _BAD_LR),
+}
+
+
 @pytest.mark.parametrize(
-    'make',
-    [
-        lambda lr: fj.fromage(lr),
-        lambda lr: fj.prefactor_correction(lr),
-        lambda lr: fj.fromage_on_plateau(lr),
-    ],
-    ids=['fromage', 'prefactor_correction', 'fromage_on_plateau'],
-)
-def test_bad_learning_rate_raises_at_construction(make, lr):
-  with pytest.raises(ValueError, match='learning_rate'):
-    make(lr)
-
-
-@pytest.mark.parametrize('p', _BAD_P)
-@pytest.mark.parametrize(
-    'make',
-    [
-        lambda p: fj.fromage(0.01, p_bound=p),
-        lambda p: fj.norm_clip_to_init(p),
-        lambda p: fj.fromage_on_plateau(0.01, p_bound=p),
-    ],
-    ids=['fromage', 'norm_clip_to_init', 'fromage_on_plateau'],
-)
-def test_bad_p_bound_raises_at_construction(make, p):
-  with pytest.raises(ValueError, match='p_bound'):
-    make(p)
-
-
-@pytest.mark.parametrize('floor', _BAD_LR)
-@pytest.mark.parametrize(
-    'make',
-    [
-        lambda f: fj.fromage(0.01, grad_norm_floor=f),
-        lambda f: fj.fromage(0.01, p_bound=2.0, grad_norm_floor=f),
-        lambda f: fj.scale_by_frobenius_ratio(grad_norm_floor=f),
-        lambda f: fj.fromage_on_plateau(0.01, grad_norm_floor=f),
-    ],
-    ids=['fromage', 'fromage_p_bound', 'scale_by_frobenius_ratio',
-         'fromage_on_plateau'],
-)
-def test_bad_grad_norm_floor_raises_at_construction(make, floor):
-  with pytest.raises(ValueError, match='grad_norm_floor'):
-    make(floor)
+    'arg,make,value',
+    [pytest.param(arg, make, value, id=f'{arg}-{i}-{value}')
+     for arg, (makers, values) in _BAD_VALUES.items()
+     for i, make in enumerate(makers) for value in values])
+def test_bad_hyperparameter_value_raises_at_construction(arg, make, value):
+  with pytest.raises(ValueError, match=arg):
+    make(value)
 
 
 _NOT_NUMBERS = [None, '0.01', True, [0.01], 1j]
