@@ -148,7 +148,7 @@ def xla_combines_all_reduces() -> bool:
 # below are the newer partitioner's.
 needs_combining = pytest.mark.skipif(
     not xla_combines_all_reduces(),
-    reason="this XLA:CPU does not combine all-reduces (jaxlib < 0.6)")
+    reason="this XLA:CPU does not combine all-reduces (as jaxlib 0.5.3's)")
 
 
 @needs_combining
